@@ -1,0 +1,168 @@
+"""The configuration schema: every key, its type, its default and what it is for.
+
+The descriptions double as the operator documentation (``fleetgate config schema`` prints them, and
+docs/configuration.md is generated from them). Unknown keys are errors. Relative paths are resolved
+against the directory of the file that names them, so a shipped file works from any working directory.
+Secrets are never inline: the config names a file, and that file must be readable by its owner only.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return Path(os.path.normpath(path.absolute()))
+
+
+def _secret_file(path: Path, info: ValidationInfo) -> Path:
+    """A file holding a secret: it must exist and be readable by its owner only (mode 0600 or 0400)."""
+    path = _resolve(path, info)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ValueError(f"secret file {path} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"secret file {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise ValueError(
+            f"secret file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must not be readable by group or "
+            f"others (chmod 600 {path})"
+        )
+    return path
+
+
+ResolvedPath = Annotated[Path, AfterValidator(_resolve)]
+SecretFile = Annotated[Path, AfterValidator(_secret_file)]
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+class DeviceConfig(Section):
+    id: str = Field(
+        "fleetgate-dev",
+        pattern=DEVICE_ID_PATTERN,
+        description="Device id: unique in the fleet; part of every MQTT topic and every record id. "
+        "Letters, digits, '-' and '_', at most 64.",
+    )
+    role: Literal["vehicle", "depot"] = Field(
+        "vehicle", description="Where the gateway sits: on a vehicle, or at a depot serving many scooters."
+    )
+    secret_file: SecretFile | None = Field(
+        None,
+        description="File with the device secret (keys PIN hashes at rest). Must be mode 0600 or 0400. "
+        "Required once PIN access is enabled.",
+    )
+
+
+class StoreConfig(Section):
+    state_dir: ResolvedPath = Field(
+        Path("/var/lib/fleetgate"),
+        description="Directory for the SQLite database and other state; systemd's StateDirectory= creates it.",
+    )
+    database: str = Field(
+        "fleetgate.db",
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="File name of the database inside state_dir.",
+    )
+    synchronous: Literal["full", "normal"] = Field(
+        "full",
+        description="SQLite durability. 'full' fsyncs every group commit and survives power loss; 'normal' "
+        "survives a crash of the daemon but may lose the last commits on power loss.",
+    )
+    max_batch: int = Field(
+        5000, ge=1, le=100_000, description="Most records written in one group commit (one transaction)."
+    )
+
+    @property
+    def db_path(self) -> Path:
+        return self.state_dir / self.database
+
+
+class ControlConfig(Section):
+    socket_path: ResolvedPath = Field(
+        Path("/run/fleetgate/control.sock"),
+        description="Unix socket the technician CLI talks to; systemd's RuntimeDirectory= creates its folder.",
+    )
+    socket_group: str | None = Field(
+        None,
+        description="Group given access to the control socket (mode 0660); unset keeps the daemon's own group.",
+    )
+    max_clients: int = Field(8, ge=1, le=256, description="Most CLI connections served at once.")
+
+
+class LogConfig(Section):
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Least severe level logged."
+    )
+    format: Literal["logfmt", "json"] = Field(
+        "logfmt", description="Line format on stderr (journald stores each line as one entry)."
+    )
+
+
+class SupervisorConfig(Section):
+    backoff_initial_s: float = Field(
+        1.0, gt=0, le=60, description="Delay before the first restart of a crashed component (seconds)."
+    )
+    backoff_max_s: float = Field(60.0, gt=0, le=3600, description="Longest delay between restarts (seconds).")
+    stable_after_s: float = Field(
+        30.0, gt=0, description="A component that ran this long without crashing has its backoff reset."
+    )
+    stop_timeout_s: float = Field(
+        4.0, gt=0, le=30, description="Time components get to stop on SIGTERM before they are cancelled."
+    )
+
+    @model_validator(mode="after")
+    def _max_not_below_initial(self) -> SupervisorConfig:
+        if self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("backoff_max_s must not be smaller than backoff_initial_s")
+        return self
+
+
+class HeartbeatConfig(Section):
+    interval_s: float = Field(
+        60.0,
+        ge=0.001,
+        le=86_400,
+        description="How often a heartbeat record (uptime, component states, outbox depth) enters the outbox.",
+    )
+
+
+class Config(Section):
+    """The whole configuration file."""
+
+    device: DeviceConfig = DeviceConfig()
+    store: StoreConfig = StoreConfig()
+    control: ControlConfig = ControlConfig()
+    log: LogConfig = LogConfig()
+    supervisor: SupervisorConfig = SupervisorConfig()
+    heartbeat: HeartbeatConfig = HeartbeatConfig()
+
+
+def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """Every key as (dotted path, type, default, description), in schema order."""
+    rows: list[tuple[str, str, str, str]] = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            rows.extend(describe(annotation, f"{path}."))
+            continue
+        type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+        default = field.default
+        rows.append((path, type_name, "" if default is None else str(default), field.description or ""))
+    return rows

@@ -1,0 +1,69 @@
+"""What ``fleetgate status`` shows, the heartbeat carries and systemd's status line summarises."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from fleetgate.config import Config
+from fleetgate.daemon.clock import Clock
+from fleetgate.daemon.supervisor import State, Supervisor
+from fleetgate.sync.store import Database, Outbox
+
+from fleetgate import __version__
+
+
+@dataclass
+class StatusSource:
+    config: Config
+    clock: Clock
+    supervisor: Supervisor
+    database: Database
+    outbox: Outbox
+    started_mono: float
+
+    async def snapshot(self) -> dict[str, Any]:
+        trust = self.clock.trust
+        depth = await self.outbox.depth()
+        recovery = self.database.recovery
+        return {
+            "version": __version__,
+            "device": {"id": self.config.device.id, "role": self.config.device.role},
+            "uptime_s": round(time.monotonic() - self.started_mono, 1),
+            "time": {"trusted": trust.trusted, "source": trust.source, "wall": time.time()},
+            "components": self.supervisor.status_dicts(),
+            "outbox": {
+                "total": sum(d.depth for d in depth),
+                "commits": self.outbox.commits,
+                "records_committed": self.outbox.records_committed,
+                "streams": [
+                    {
+                        "stream": d.stream,
+                        "depth": d.depth,
+                        "last_seq": d.last_seq,
+                        "oldest_wall_ns": d.oldest_wall_ns,
+                    }
+                    for d in depth
+                ],
+            },
+            "store": {
+                "path": str(self.database.path),
+                "schema_version": self.database.schema_version,
+                "recovered": None
+                if recovery is None
+                else {"reason": recovery.reason, "moved_to": str(recovery.moved_to)},
+            },
+        }
+
+    def summary_line(self) -> str:
+        statuses = self.supervisor.statuses
+        up = sum(1 for s in statuses if s.state == State.RUNNING)
+        down = [s.name for s in statuses if s.state != State.RUNNING]
+        line = f"{up}/{len(statuses)} components running"
+        if down:
+            line += f"; down: {', '.join(down)}"
+        line += "; time " + (
+            "trusted (" + self.clock.trust.source + ")" if self.clock.trust.trusted else "untrusted"
+        )
+        return line

@@ -1,0 +1,138 @@
+"""The ``fleetgate`` command: run the daemon, and the technician's view of it over the control socket.
+
+Apart from ``run``, no command opens hardware or the database: they ask the running daemon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from fleetgate import __version__, render
+from fleetgate.config import ConfigError, load_config
+from fleetgate.config.loader import DEFAULT_CONFIG_PATH
+from fleetgate.config.schema import Config, describe
+from fleetgate.daemon.control_protocol import ControlError, DaemonNotRunning, request
+
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_NOT_RUNNING = 3
+EX_CONFIG = 78  # sysexits.h; the systemd unit does not restart on it
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fleetgate", description="fleetgate edge gateway daemon and diagnostics")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help=f"configuration file (default: $FLEETGATE_CONFIG or {DEFAULT_CONFIG_PATH})",
+    )
+    p.add_argument(
+        "--socket", type=Path, default=None, help="control socket (default: from the configuration)"
+    )
+    p.add_argument("--version", action="version", version=f"fleetgate {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("run", help="run the daemon in the foreground (systemd starts it this way)")
+
+    st = sub.add_parser("status", help="components, backlog, uptime and time trust of the running daemon")
+    st.add_argument("--json", action="store_true", help="print the raw JSON reply")
+
+    cfg = sub.add_parser("config", help="check a configuration file or show the schema")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    check = cfg_sub.add_parser("check", help="print every problem in FILE with its key path; non-zero if any")
+    check.add_argument("file", type=Path, nargs="?", help="file to check (default: the --config file)")
+    cfg_sub.add_parser("schema", help="every key with its type, default and description (Markdown)")
+    return p
+
+
+def _config_path(args: argparse.Namespace) -> tuple[Path, bool]:
+    """The config file to use and whether it was asked for explicitly."""
+    if args.config is not None:
+        return args.config, True
+    env = os.environ.get("FLEETGATE_CONFIG")
+    if env:
+        return Path(env), True
+    return DEFAULT_CONFIG_PATH, False
+
+
+def _load(args: argparse.Namespace) -> Config:
+    path, explicit = _config_path(args)
+    if not explicit and not path.exists():
+        return load_config(None)
+    return load_config(path)
+
+
+def _print_problems(error: ConfigError) -> None:
+    for problem in error.problems:
+        print(f"error: {problem}", file=sys.stderr)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fleetgate.daemon.app import run_daemon
+    from fleetgate.daemon.logs import setup_logging
+
+    try:
+        config = _load(args)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EX_CONFIG
+    setup_logging(config.log.level, config.log.format)
+    os.umask(0o077)  # the database holds session data: owner only
+    return asyncio.run(run_daemon(config))
+
+
+def _ask(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> Any:
+    socket_path = args.socket
+    if socket_path is None:
+        socket_path = _load(args).control.socket_path
+    return request(socket_path, cmd, cmd_args)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    result = _ask(args, "status")
+    print(json.dumps(result, indent=2) if args.json else render.status(result))
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    if args.config_command == "schema":
+        print("| key | type | default | description |\n|---|---|---|---|")
+        for key, type_name, default, description in describe():
+            print(f"| `{key}` | {type_name} | {f'`{default}`' if default else ''} | {description} |")
+        return 0
+    path = args.file or _config_path(args)[0]
+    try:
+        load_config(path)
+    except ConfigError as exc:
+        _print_problems(exc)
+        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"{path}: OK")
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "status": _cmd_status, "config": _cmd_config}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except ConfigError as exc:
+        _print_problems(exc)
+        return EX_CONFIG
+    except DaemonNotRunning as exc:
+        print(f"fleetgate: {exc}", file=sys.stderr)
+        return EXIT_NOT_RUNNING
+    except ControlError as exc:
+        print(f"fleetgate: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130

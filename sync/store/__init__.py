@@ -1,0 +1,17 @@
+"""The SQLite store: one WAL database with an outbox (append-only records) and state tables."""
+
+from fleetgate.sync.store.database import Database, RecoveryReport, StoreError
+from fleetgate.sync.store.outbox import Outbox
+from fleetgate.sync.store.records import Appended, NewRecord, Priority, Stamp, StoredRecord
+
+__all__ = [
+    "Appended",
+    "Database",
+    "NewRecord",
+    "Outbox",
+    "Priority",
+    "RecoveryReport",
+    "Stamp",
+    "StoreError",
+    "StoredRecord",
+]

@@ -1,0 +1,73 @@
+"""Versioned schema migrations, tracked in ``PRAGMA user_version``.
+
+Append new migrations to the end; never edit one that has shipped. Each runs in one transaction together
+with the version bump, so a crash mid-migration leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+MIGRATIONS: list[list[str]] = [
+    # 1: outbox, its streams, boots, and key/value state.
+    [
+        """CREATE TABLE boots (
+               id INTEGER PRIMARY KEY,
+               boot_id TEXT NOT NULL UNIQUE
+           )""",
+        """CREATE TABLE streams (
+               id INTEGER PRIMARY KEY,
+               name TEXT NOT NULL UNIQUE,
+               last_seq INTEGER NOT NULL DEFAULT 0   -- never decreases, so (device, stream, seq) is never reused
+           )""",
+        """CREATE TABLE outbox (
+               id INTEGER PRIMARY KEY,
+               stream_id INTEGER NOT NULL REFERENCES streams(id),
+               seq INTEGER NOT NULL,
+               priority INTEGER NOT NULL,
+               wall_ns INTEGER NOT NULL,
+               mono_ns INTEGER NOT NULL,
+               boot INTEGER NOT NULL REFERENCES boots(id),
+               time_trusted INTEGER NOT NULL,
+               payload BLOB NOT NULL
+           )""",
+        "CREATE INDEX outbox_drain ON outbox(priority, id)",
+        "CREATE INDEX outbox_stream ON outbox(stream_id, id)",
+        """CREATE TABLE state (
+               key TEXT PRIMARY KEY,
+               value TEXT NOT NULL,          -- JSON
+               updated_wall_ns INTEGER NOT NULL
+           )""",
+    ],
+]
+
+
+class SchemaTooNewError(Exception):
+    """The database was written by a newer fleetgate; refusing to touch it keeps its data."""
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(conn: sqlite3.Connection, migrations: list[list[str]] = MIGRATIONS) -> list[int]:
+    """Bring the database to the latest version; returns the versions applied."""
+    current = schema_version(conn)
+    if current > len(migrations):
+        raise SchemaTooNewError(
+            f"database schema version {current} is newer than this fleetgate knows ({len(migrations)}); "
+            "upgrade fleetgate or restore a matching database"
+        )
+    applied = []
+    for version, statements in enumerate(migrations[current:], start=current + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in statements:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+        applied.append(version)
+    return applied

@@ -1,0 +1,199 @@
+"""The outbox: append-only records with durable group commit, drained by priority, deleted on acknowledge.
+
+``append`` returns only after the records are committed (fsynced with ``synchronous=full``), so a caller
+may report them as taken. Appends that arrive while a commit is in progress are gathered into the next
+transaction (group commit): one fsync covers them all, and no append waits for a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from fleetgate.sync.store.database import Database, transaction
+from fleetgate.sync.store.records import Appended, NewRecord, Priority, StoredRecord
+
+
+def read_boot_id(path: Path = Path("/proc/sys/kernel/random/boot_id")) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class StreamDepth:
+    stream: str
+    depth: int
+    last_seq: int
+    oldest_wall_ns: int | None
+
+
+class _Writer:
+    """Store-thread state: stream ids and sequences cached after the first commit that touches them."""
+
+    def __init__(self, boot_id: str) -> None:
+        self.boot_id = boot_id
+        self.boot_row: int | None = None
+        self.streams: dict[str, tuple[int, int]] = {}  # name -> (id, last committed seq)
+
+    def _stream(self, conn: sqlite3.Connection, name: str) -> tuple[int, int]:
+        cached = self.streams.get(name)
+        if cached is not None:
+            return cached
+        conn.execute("INSERT OR IGNORE INTO streams(name) VALUES (?)", (name,))
+        row = conn.execute("SELECT id, last_seq FROM streams WHERE name = ?", (name,)).fetchone()
+        return int(row[0]), int(row[1])
+
+    def _boot(self, conn: sqlite3.Connection) -> int:
+        if self.boot_row is None:
+            conn.execute("INSERT OR IGNORE INTO boots(boot_id) VALUES (?)", (self.boot_id,))
+            row = conn.execute("SELECT id FROM boots WHERE boot_id = ?", (self.boot_id,)).fetchone()
+            return int(row[0])
+        return self.boot_row
+
+    def write(self, conn: sqlite3.Connection, records: Sequence[NewRecord]) -> list[Appended]:
+        # Sequences are taken in a local copy and published to the cache only after COMMIT succeeds,
+        # so a failed transaction never burns or reuses a sequence number.
+        def body(conn: sqlite3.Connection) -> tuple[int, dict[str, tuple[int, int]], list[Appended]]:
+            boot = self._boot(conn)
+            seqs: dict[str, tuple[int, int]] = {}
+            rows = []
+            appended = []
+            for r in records:
+                stream_id, seq = seqs.get(r.stream) or self._stream(conn, r.stream)
+                seq += 1
+                seqs[r.stream] = (stream_id, seq)
+                rows.append(
+                    (
+                        stream_id,
+                        seq,
+                        int(r.priority),
+                        r.stamp.wall_ns,
+                        r.stamp.mono_ns,
+                        boot,
+                        int(r.stamp.trusted),
+                        r.payload,
+                    )
+                )
+                appended.append(Appended(r.stream, seq))
+            conn.executemany(
+                "INSERT INTO outbox(stream_id, seq, priority, wall_ns, mono_ns, boot, time_trusted, payload)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+            conn.executemany(
+                "UPDATE streams SET last_seq = ? WHERE id = ?", [(seq, sid) for sid, seq in seqs.values()]
+            )
+            return boot, seqs, appended
+
+        boot, seqs, appended = transaction(conn, body)
+        self.boot_row = boot
+        self.streams.update(seqs)
+        return appended
+
+
+class Outbox:
+    def __init__(self, db: Database, boot_id: str | None = None, max_batch: int = 5000) -> None:
+        self._db = db
+        self._writer = _Writer(boot_id or read_boot_id())
+        self._max_batch = max_batch
+        self._pending: deque[tuple[Sequence[NewRecord], asyncio.Future[list[Appended]]]] = deque()
+        self._flusher: asyncio.Task[None] | None = None
+        self.commits = 0
+        self.records_committed = 0
+
+    async def append(self, records: Sequence[NewRecord]) -> list[Appended]:
+        """Make ``records`` durable; returns their (stream, seq) in order. Empty input is a no-op."""
+        if not records:
+            return []
+        future: asyncio.Future[list[Appended]] = asyncio.get_running_loop().create_future()
+        self._pending.append((records, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="outbox-group-commit")
+        # Shielded: a caller that gives up waiting does not cancel a commit others share.
+        return await asyncio.shield(future)
+
+    async def append_one(self, record: NewRecord) -> Appended:
+        return (await self.append([record]))[0]
+
+    def _take_group(self) -> list[tuple[Sequence[NewRecord], asyncio.Future[list[Appended]]]]:
+        group, count = [], 0
+        while self._pending and (not group or count + len(self._pending[0][0]) <= self._max_batch):
+            item = self._pending.popleft()
+            group.append(item)
+            count += len(item[0])
+        return group
+
+    async def _flush(self) -> None:
+        while self._pending:
+            group = self._take_group()
+            flat = [r for records, _ in group for r in records]
+            try:
+                appended = await self._db.run(self._writer.write, flat)
+            except Exception as exc:
+                for _, future in group:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            self.commits += 1
+            self.records_committed += len(flat)
+            start = 0
+            for records, future in group:
+                if not future.done():
+                    future.set_result(appended[start : start + len(records)])
+                start += len(records)
+
+    async def drain_pending(self) -> None:
+        """Wait until every append made so far is committed (or failed)."""
+        while self._flusher is not None and not self._flusher.done():
+            await asyncio.shield(self._flusher)
+
+    async def next_batch(self, limit: int) -> list[StoredRecord]:
+        """The next ``limit`` records by priority (most urgent first), then by age."""
+        return await self._db.run(_next_batch, limit)
+
+    async def acknowledge(self, ids: Sequence[int]) -> int:
+        """Delete acknowledged records; returns how many were still present."""
+        if not ids:
+            return 0
+        return await self._db.run(_acknowledge, list(ids))
+
+    async def depth(self) -> list[StreamDepth]:
+        return await self._db.run(_depth)
+
+
+def _next_batch(conn: sqlite3.Connection, limit: int) -> list[StoredRecord]:
+    rows = conn.execute(
+        "SELECT o.id, s.name, o.seq, o.priority, o.wall_ns, o.mono_ns, b.boot_id, o.time_trusted, o.payload"
+        " FROM outbox o JOIN streams s ON s.id = o.stream_id JOIN boots b ON b.id = o.boot"
+        " ORDER BY o.priority, o.id LIMIT ?",
+        (limit,),
+    ).fetchall()
+    return [
+        StoredRecord(id_, stream, seq, Priority(prio), wall, mono, boot, bool(trusted), bytes(payload))
+        for id_, stream, seq, prio, wall, mono, boot, trusted, payload in rows
+    ]
+
+
+def _acknowledge(conn: sqlite3.Connection, ids: list[int]) -> int:
+    def body(conn: sqlite3.Connection) -> int:
+        before = conn.total_changes
+        conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
+        return conn.total_changes - before
+
+    return transaction(conn, body)
+
+
+def _depth(conn: sqlite3.Connection) -> list[StreamDepth]:
+    rows = conn.execute(
+        "SELECT s.name, s.last_seq,"
+        " (SELECT count(*) FROM outbox o WHERE o.stream_id = s.id),"
+        " (SELECT o.wall_ns FROM outbox o WHERE o.stream_id = s.id ORDER BY o.id LIMIT 1)"
+        " FROM streams s ORDER BY s.name"
+    ).fetchall()
+    return [StreamDepth(name, int(depth), int(last), oldest) for name, last, depth, oldest in rows]

@@ -1,0 +1,59 @@
+"""The shapes that go into and come out of the outbox."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+
+class Priority(IntEnum):
+    """Lower drains first. Audit and session records are never evicted; telemetry may be."""
+
+    AUDIT = 0
+    EVENT = 1
+    TELEMETRY = 2
+
+
+@dataclass(frozen=True, slots=True)
+class Stamp:
+    """When a record was taken: wall clock, boot-relative monotonic clock, and whether wall time was trusted."""
+
+    wall_ns: int
+    mono_ns: int
+    trusted: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NewRecord:
+    stream: str
+    priority: Priority
+    stamp: Stamp
+    payload: bytes  # JSON, UTF-8
+
+    @classmethod
+    def json(cls, stream: str, priority: Priority, stamp: Stamp, body: Any) -> NewRecord:
+        payload = json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        return cls(stream, priority, stamp, payload.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Appended:
+    """A record made durable: its idempotent id is (device, stream, seq)."""
+
+    stream: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoredRecord:
+    id: int  # row id, for acknowledge; not stable across databases
+    stream: str
+    seq: int
+    priority: Priority
+    wall_ns: int
+    mono_ns: int
+    boot_id: str
+    time_trusted: bool
+    payload: bytes
