@@ -6,8 +6,9 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from fleetgate.config.schema import Config
 from pydantic import ValidationError
+
+from fleetgate.config.schema import Config
 
 DEFAULT_CONFIG_PATH = Path("/etc/fleetgate/fleetgate.toml")
 

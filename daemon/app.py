@@ -11,6 +11,7 @@ import os
 import signal
 import time
 
+from fleetgate import __version__
 from fleetgate.config import Config
 from fleetgate.daemon.clock import Clock, NtpWatch
 from fleetgate.daemon.control import ControlServer, ControlSocketError
@@ -19,8 +20,6 @@ from fleetgate.daemon.notify import Notifier
 from fleetgate.daemon.status import StatusSource
 from fleetgate.daemon.supervisor import Supervisor
 from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, StoreError
-
-from fleetgate import __version__
 
 log = logging.getLogger(__name__)
 

@@ -6,12 +6,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from fleetgate import __version__
 from fleetgate.config import Config
 from fleetgate.daemon.clock import Clock
 from fleetgate.daemon.supervisor import State, Supervisor
 from fleetgate.sync.store import Database, Outbox
-
-from fleetgate import __version__
 
 
 @dataclass

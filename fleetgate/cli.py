@@ -85,7 +85,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EX_CONFIG
     setup_logging(config.log.level, config.log.format)
     os.umask(0o077)  # the database holds session data: owner only
-    return asyncio.run(run_daemon(config))
+    # Not asyncio.run(): its clean-up waits for every task, and a component that ignores cancellation would
+    # then hold up the stop forever. The supervisor has already waited stop_timeout_s and logged stragglers.
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(run_daemon(config))
+    finally:
+        loop.close()
 
 
 def _ask(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> Any:
