@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
@@ -153,6 +153,20 @@ class Config(Section):
     heartbeat: HeartbeatConfig = HeartbeatConfig()
 
 
+def _type_name(annotation: object) -> str:
+    """A reader's name for a field type: 'path or unset', "one of 'full', 'normal'", 'float' ..."""
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if get_origin(annotation) is Annotated:
+        return _type_name(args[0])
+    if args and type(None) in args:
+        return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or unset"
+    if annotation is Path:
+        return "path"
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """Every key as (dotted path, type, default, description), in schema order."""
     rows: list[tuple[str, str, str, str]] = []
@@ -162,7 +176,32 @@ def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[st
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows.extend(describe(annotation, f"{path}."))
             continue
-        type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-        default = field.default
-        rows.append((path, type_name, "" if default is None else str(default), field.description or ""))
+        default = "" if field.default is None else str(field.default)
+        rows.append((path, _type_name(annotation), default, field.description or ""))
     return rows
+
+
+def schema_markdown() -> str:
+    """The configuration reference, as docs/configuration.md holds it."""
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from `config/schema.py` by `fleetgate config schema`; a test keeps this file current.",
+        "Relative paths resolve against the folder of the file that names them. Unknown keys are errors.",
+        "",
+    ]
+    section = None
+    for key, type_name, default, description in describe():
+        head = key.split(".")[0]
+        if head != section:
+            section = head
+            lines += [
+                "",
+                f"## [{section}]",
+                "",
+                "| key | type | default | description |",
+                "|---|---|---|---|",
+            ]
+        shown = f"`{default}`" if default else ""
+        lines.append(f"| `{key}` | {type_name} | {shown} | {description} |")
+    return "\n".join(lines).replace("\n\n\n", "\n\n") + "\n"

@@ -16,7 +16,7 @@ from typing import Any
 from fleetgate import __version__, render
 from fleetgate.config import ConfigError, load_config
 from fleetgate.config.loader import DEFAULT_CONFIG_PATH
-from fleetgate.config.schema import Config, describe
+from fleetgate.config.schema import Config, schema_markdown
 from fleetgate.daemon.control_protocol import ControlError, DaemonNotRunning, request
 
 EXIT_FAILURE = 1
@@ -109,9 +109,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.config_command == "schema":
-        print("| key | type | default | description |\n|---|---|---|---|")
-        for key, type_name, default, description in describe():
-            print(f"| `{key}` | {type_name} | {f'`{default}`' if default else ''} | {description} |")
+        sys.stdout.write(schema_markdown())
         return 0
     path = args.file or _config_path(args)[0]
     try:

@@ -130,3 +130,11 @@ def test_run_with_bad_config_exits_78_without_starting(tmp_path):
     result = run_cli("--config", str(path), "run")
     assert result.returncode == 78
     assert "store.synchronous" in result.stderr
+
+
+def test_configuration_reference_is_current():
+    """Guards against a schema change that the operator docs do not show."""
+    from fleetgate.config.schema import schema_markdown
+
+    docs = Path(__file__).parent.parent / "docs" / "configuration.md"
+    assert docs.read_text() == schema_markdown(), "run: fleetgate config schema > docs/configuration.md"
