@@ -142,6 +142,69 @@ class HeartbeatConfig(Section):
     )
 
 
+DEFAULT_OBD_SCHEDULE: dict[str, float] = {
+    "vehicle_speed": 1.0,
+    "rpm": 1.0,
+    "engine_load": 2.0,
+    "throttle_position": 2.0,
+    "coolant_temp": 10.0,
+    "fuel_level": 30.0,
+    "control_module_voltage": 10.0,
+    "bms_pack_soc": 30.0,
+    "odometer": 60.0,
+}
+
+
+class ObdConfig(Section):
+    enabled: bool = Field(False, description="Read the vehicle's OBD-II port through an ELM327 adapter.")
+    port: str = Field("/dev/ttyUSB0", min_length=1, description="Serial device of the ELM327 adapter.")
+    baudrate: int | None = Field(
+        38400,
+        ge=1200,
+        le=4_000_000,
+        description="Serial speed; unset lets python-obd try the usual ones (slow).",
+    )
+    protocol: str | None = Field(
+        None,
+        pattern=r"^[1-9A-C]$",
+        description="ELM327 protocol number ('6' = ISO 15765-4 CAN 11-bit 500k); unset detects it (slower).",
+    )
+    timeout_s: float = Field(
+        1.0, gt=0, le=30, description="How long one query may take before it counts as no answer."
+    )
+    schedule: dict[str, float] = Field(
+        default_factory=lambda: dict(DEFAULT_OBD_SCHEDULE),
+        description="Seconds between samples of each signal, by catalogue name (docs/signals.md). "
+        "A signal not listed is not sampled.",
+    )
+    dtc_interval_s: float = Field(
+        30.0, gt=0, description="Seconds between reads of MIL status and stored DTCs."
+    )
+    adapter_voltage_interval_s: float = Field(
+        10.0, gt=0, description="Seconds between reads of the adapter's supply voltage (ATRV)."
+    )
+
+    @model_validator(mode="after")
+    def _intervals_positive(self) -> ObdConfig:
+        bad = [name for name, every in self.schedule.items() if not every > 0]
+        if bad:
+            raise ValueError(f"schedule intervals must be > 0 seconds: {', '.join(bad)}")
+        return self
+
+
+class GpsConfig(Section):
+    enabled: bool = Field(False, description="Read position and time from gpsd.")
+    host: str = Field("127.0.0.1", min_length=1, description="gpsd host.")
+    port: int = Field(2947, ge=1, le=65535, description="gpsd port.")
+    silence_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        le=600,
+        description="A gpsd connection that sends nothing for this long is dropped and reopened; a gpsd that "
+        "accepts and stays silent never stalls the daemon.",
+    )
+
+
 class Config(Section):
     """The whole configuration file."""
 
@@ -151,6 +214,8 @@ class Config(Section):
     log: LogConfig = LogConfig()
     supervisor: SupervisorConfig = SupervisorConfig()
     heartbeat: HeartbeatConfig = HeartbeatConfig()
+    obd: ObdConfig = ObdConfig()
+    gps: GpsConfig = GpsConfig()
 
 
 def _type_name(annotation: object) -> str:

@@ -39,6 +39,8 @@ MIGRATIONS: list[list[str]] = [
                updated_wall_ns INTEGER NOT NULL
            )""",
     ],
+    # 2: wall times fixed up after the fact, once trust in the clock arrived later in the same boot.
+    ["ALTER TABLE outbox ADD COLUMN time_corrected INTEGER NOT NULL DEFAULT 0"],
 ]
 
 

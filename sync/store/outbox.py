@@ -166,17 +166,26 @@ class Outbox:
     async def depth(self) -> list[StreamDepth]:
         return await self._db.run(_depth)
 
+    async def correct_wall_times(self, offset_ns: int, before_mono_ns: int) -> int:
+        """Records of this boot taken before ``before_mono_ns`` with untrusted wall time get
+        ``wall_ns = mono_ns + offset_ns`` and are marked corrected; returns how many."""
+        await self.drain_pending()
+        return await self._db.run(_correct_wall_times, self._writer.boot_id, offset_ns, before_mono_ns)
+
 
 def _next_batch(conn: sqlite3.Connection, limit: int) -> list[StoredRecord]:
     rows = conn.execute(
-        "SELECT o.id, s.name, o.seq, o.priority, o.wall_ns, o.mono_ns, b.boot_id, o.time_trusted, o.payload"
+        "SELECT o.id, s.name, o.seq, o.priority, o.wall_ns, o.mono_ns, b.boot_id, o.time_trusted,"
+        " o.time_corrected, o.payload"
         " FROM outbox o JOIN streams s ON s.id = o.stream_id JOIN boots b ON b.id = o.boot"
         " ORDER BY o.priority, o.id LIMIT ?",
         (limit,),
     ).fetchall()
     return [
-        StoredRecord(id_, stream, seq, Priority(prio), wall, mono, boot, bool(trusted), bytes(payload))
-        for id_, stream, seq, prio, wall, mono, boot, trusted, payload in rows
+        StoredRecord(
+            id_, stream, seq, Priority(prio), wall, mono, boot, bool(trusted), bool(fixed), bytes(payload)
+        )
+        for id_, stream, seq, prio, wall, mono, boot, trusted, fixed, payload in rows
     ]
 
 
@@ -185,6 +194,18 @@ def _acknowledge(conn: sqlite3.Connection, ids: list[int]) -> int:
         before = conn.total_changes
         conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
         return conn.total_changes - before
+
+    return transaction(conn, body)
+
+
+def _correct_wall_times(conn: sqlite3.Connection, boot_id: str, offset_ns: int, before_mono_ns: int) -> int:
+    def body(conn: sqlite3.Connection) -> int:
+        cur = conn.execute(
+            "UPDATE outbox SET wall_ns = mono_ns + ?, time_corrected = 1"
+            " WHERE boot = (SELECT id FROM boots WHERE boot_id = ?) AND time_trusted = 0 AND mono_ns < ?",
+            (offset_ns, boot_id, before_mono_ns),
+        )
+        return cur.rowcount
 
     return transaction(conn, body)
 

@@ -56,4 +56,5 @@ class StoredRecord:
     mono_ns: int
     boot_id: str
     time_trusted: bool
+    time_corrected: bool  # wall_ns was recomputed from mono_ns once the clock became trusted
     payload: bytes
