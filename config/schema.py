@@ -203,6 +203,68 @@ class GpsConfig(Section):
         description="A gpsd connection that sends nothing for this long is dropped and reopened; a gpsd that "
         "accepts and stays silent never stalls the daemon.",
     )
+    sample_interval_s: float = Field(
+        1.0, gt=0, le=3600, description="Least time between two position readings (trips use every fix)."
+    )
+
+
+class TripsConfig(Section):
+    ignition_on_s: float = Field(
+        2.0, ge=0, le=600, description="Running evidence must last this long before a `startup` (seconds)."
+    )
+    ignition_off_s: float = Field(
+        10.0,
+        ge=0,
+        le=3600,
+        description="Stopped evidence (RPM 0 or no answer, voltage below running_voltage_v) must last this long "
+        "before a `shutdown` (seconds); bridges stalls and start-stop systems.",
+    )
+    running_voltage_v: float = Field(
+        13.2,
+        gt=0,
+        le=60,
+        description="A control-module or adapter voltage at or above this means the alternator or DC-DC "
+        "converter is charging, i.e. ignition on (EVs report no RPM at a standstill).",
+    )
+    moving_speed_kmh: float = Field(
+        3.0,
+        gt=0,
+        description="At or above this speed the vehicle is moving (average-moving speed, stop count).",
+    )
+    hard_accel_mps2: float = Field(
+        3.0,
+        gt=0,
+        description="Speed gain between two samples at or above this (m/s²) counts as hard acceleration.",
+    )
+    hard_brake_mps2: float = Field(
+        3.5,
+        gt=0,
+        description="Speed loss between two samples at or above this (m/s²) counts as hard braking.",
+    )
+    max_sample_gap_s: float = Field(
+        5.0,
+        gt=0,
+        description="Speed samples further apart than this are not integrated into distance or acceleration.",
+    )
+    checkpoint_interval_s: float = Field(
+        15.0, gt=0, description="How often a trip in progress is saved, so it survives a restart (seconds)."
+    )
+
+
+class TimeConfig(Section):
+    trust_ntp: bool = Field(
+        True, description="Trust the system clock once the kernel reports NTP synchronisation."
+    )
+    trust_gps: bool = Field(True, description="Trust GPS time after gps_confirmations consistent fixes.")
+    gps_confirmations: int = Field(
+        3, ge=1, le=100, description="Consistent GPS fixes needed before GPS time is trusted."
+    )
+    gps_max_spread_s: float = Field(
+        1.0,
+        gt=0,
+        le=60,
+        description="Most the GPS-minus-monotonic offsets of those fixes may differ (seconds).",
+    )
 
 
 class Config(Section):
@@ -216,6 +278,8 @@ class Config(Section):
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     obd: ObdConfig = ObdConfig()
     gps: GpsConfig = GpsConfig()
+    trips: TripsConfig = TripsConfig()
+    time: TimeConfig = TimeConfig()
 
 
 def _type_name(annotation: object) -> str:

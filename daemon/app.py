@@ -10,30 +10,28 @@ import logging
 import os
 import signal
 import time
+from typing import Any
 
 from fleetgate import __version__
 from fleetgate.config import Config
-from fleetgate.daemon.clock import Clock, NtpWatch
+from fleetgate.daemon.clock import Clock, NtpWatch, Trust
 from fleetgate.daemon.control import ControlServer, ControlSocketError
+from fleetgate.daemon.dtc import DtcTracker
+from fleetgate.daemon.events import Events
 from fleetgate.daemon.heartbeat import Heartbeat
 from fleetgate.daemon.notify import Notifier
+from fleetgate.daemon.readings import ReadingSink
 from fleetgate.daemon.status import StatusSource
-from fleetgate.daemon.supervisor import Supervisor
-from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, StoreError
+from fleetgate.daemon.supervisor import Component, Supervisor
+from fleetgate.daemon.trip_recorder import TripRecorder
+from fleetgate.sync.store import Database, Outbox, StateStore, StoreError
+from fleetgate.sync.store.outbox import read_boot_id
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 STATUS_INTERVAL_S = 10.0
-
-
-async def _record_recovery(outbox: Outbox, clock: Clock, database: Database) -> None:
-    recovery = database.recovery
-    if recovery is None:
-        return
-    body = {"event": "store-recovered", "reason": recovery.reason, "moved_to": str(recovery.moved_to)}
-    await outbox.append_one(NewRecord.json("events", Priority.EVENT, clock.stamp(), body))
 
 
 async def _keep_systemd_informed(notifier: Notifier, status: StatusSource, database: Database) -> None:
@@ -48,6 +46,18 @@ async def _keep_systemd_informed(notifier: Notifier, status: StatusSource, datab
             notifier.status(status.summary_line())
             last_status = time.monotonic()
         await asyncio.sleep(min(interval or STATUS_INTERVAL_S, STATUS_INTERVAL_S))
+
+
+def _correct_times_on_trust(sink: ReadingSink, outbox: Outbox, events: Events):
+    async def on_trust(trust: Trust) -> None:
+        if trust.offset_ns is None or trust.since_mono_ns is None:
+            return
+        await sink.flush()  # readings still in memory were taken untrusted too
+        corrected = await outbox.correct_wall_times(trust.offset_ns, trust.since_mono_ns)
+        body: dict[str, Any] = {"source": trust.source, "corrected_records": corrected, **trust.as_dict()}
+        await events.emit_now("time-trusted", body)
+
+    return on_trust
 
 
 async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
@@ -65,8 +75,16 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
         log.error("cannot open store", extra={"error": str(exc)})
         return EXIT_FAILURE
 
-    clock = Clock()
-    outbox = Outbox(database, max_batch=config.store.max_batch)
+    boot_id = read_boot_id()
+    tc = config.time
+    clock = Clock(tc.gps_confirmations, tc.gps_max_spread_s, trust_gps=tc.trust_gps)
+    outbox = Outbox(database, boot_id=boot_id, max_batch=config.store.max_batch)
+    state = StateStore(database)
+    events = Events(outbox, clock)
+    sink = ReadingSink(outbox, clock)
+    trips = TripRecorder(config.trips, clock, events, state, boot_id)
+    clock.on_trust(_correct_times_on_trust(sink, outbox, events))
+
     sup = config.supervisor
     supervisor = Supervisor(sup.backoff_initial_s, sup.backoff_max_s, sup.stable_after_s)
     status = StatusSource(config, clock, supervisor, database, outbox, started)
@@ -74,21 +92,58 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
         config.control.socket_path, config.control.socket_group, config.control.max_clients
     )
     control.register("status", lambda args: status.snapshot())
-    control.register("ping", lambda args: _pong())
+    control.register("ping", lambda args: _answer({"pong": __version__}))
+
+    components: list[Component] = [
+        control,
+        sink,
+        trips,
+        Heartbeat(outbox, clock, status, config.heartbeat.interval_s),
+    ]
+    if tc.trust_ntp:
+        components.append(NtpWatch(clock))
+    obd_view: Any = None
+    gps_view: Any = None
+    if config.obd.enabled:
+        from fleetgate.daemon.obd_sampler import ObdSampler
+
+        obd_view = ObdSampler(
+            config.obd,
+            config.trips.running_voltage_v,
+            clock,
+            sink,
+            trips,
+            DtcTracker(clock, events, state),
+            events,
+            state,
+        )
+        components.append(obd_view)
+    if config.gps.enabled:
+        from fleetgate.daemon.gps_sampler import GpsSampler
+
+        gps_view = GpsSampler(config.gps, clock, sink, trips)
+        components.append(gps_view)
+    control.register("obd", lambda args: _answer(obd_view.snapshot() if obd_view else {"enabled": False}))
+    control.register(
+        "gps",
+        lambda args: _answer(
+            gps_view.snapshot() if gps_view else {"enabled": False, "time": clock.trust.as_dict()}
+        ),
+    )
 
     try:
-        await _record_recovery(outbox, clock, database)
+        recovery = database.recovery
+        if recovery is not None:
+            await events.emit_now(
+                "store-recovered", {"reason": recovery.reason, "moved_to": str(recovery.moved_to)}
+            )
         await control.bind()
     except (ControlSocketError, OSError) as exc:
         log.error("cannot start", extra={"error": str(exc)})
         await database.close()
         return EXIT_FAILURE
 
-    for component in (
-        control,
-        NtpWatch(clock),
-        Heartbeat(outbox, clock, status, config.heartbeat.interval_s),
-    ):
+    for component in components:
         supervisor.add(component)
     supervisor.start()
     informer = asyncio.create_task(_keep_systemd_informed(notifier, status, database), name="systemd-notify")
@@ -100,6 +155,7 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
     notifier.stopping()
     informer.cancel()
     await supervisor.stop(sup.stop_timeout_s)
+    await sink.flush()  # in case the sink was in backoff when the stop came
     await outbox.drain_pending()
     await database.close()
     notifier.close()
@@ -107,5 +163,5 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
     return EXIT_OK
 
 
-async def _pong() -> dict[str, str]:
-    return {"pong": __version__}
+async def _answer(result: Any) -> Any:
+    return result

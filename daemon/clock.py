@@ -90,8 +90,11 @@ TrustListener = Callable[[Trust], Awaitable[None]]
 class Clock:
     """Stamps records and knows whether wall time can be believed."""
 
-    def __init__(self, gps_confirmations: int = 3, gps_max_spread_s: float = 1.0) -> None:
+    def __init__(
+        self, gps_confirmations: int = 3, gps_max_spread_s: float = 1.0, trust_gps: bool = True
+    ) -> None:
         self._trust = UNTRUSTED
+        self._trust_gps = trust_gps
         self._listeners: list[TrustListener] = []
         self._gps_confirmations = gps_confirmations
         self._gps_max_spread_ns = int(gps_max_spread_s * 1e9)
@@ -131,7 +134,7 @@ class Clock:
 
     def observe_gps_time(self, gps_time_ns: int, received_mono_ns: int) -> None:
         """Feed the GPS time of a fix (mode 2 or 3) and when it arrived."""
-        if self._trust.source == "ntp":
+        if not self._trust_gps or self._trust.source == "ntp":
             return
         offset = gps_time_ns - received_mono_ns
         self._gps_offsets = [*self._gps_offsets, offset][-self._gps_confirmations :]

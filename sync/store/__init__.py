@@ -3,6 +3,7 @@
 from fleetgate.sync.store.database import Database, RecoveryReport, StoreError
 from fleetgate.sync.store.outbox import Outbox
 from fleetgate.sync.store.records import Appended, NewRecord, Priority, Stamp, StoredRecord
+from fleetgate.sync.store.state import StateStore
 
 __all__ = [
     "Appended",
@@ -12,6 +13,7 @@ __all__ = [
     "Priority",
     "RecoveryReport",
     "Stamp",
+    "StateStore",
     "StoreError",
     "StoredRecord",
 ]

@@ -8,14 +8,17 @@ transaction (group commit): one fsync covers them all, and no append waits for a
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fleetgate.sync.store.database import Database, transaction
 from fleetgate.sync.store.records import Appended, NewRecord, Priority, StoredRecord
+from fleetgate.sync.store.state import write_state
 
 
 def read_boot_id(path: Path = Path("/proc/sys/kernel/random/boot_id")) -> str:
@@ -31,6 +34,13 @@ class StreamDepth:
     depth: int
     last_seq: int
     oldest_wall_ns: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Pending:
+    records: Sequence[NewRecord]
+    state: dict[str, str | None]  # JSON text, None to delete
+    future: asyncio.Future[list[Appended]]
 
 
 class _Writer:
@@ -56,7 +66,9 @@ class _Writer:
             return int(row[0])
         return self.boot_row
 
-    def write(self, conn: sqlite3.Connection, records: Sequence[NewRecord]) -> list[Appended]:
+    def write(
+        self, conn: sqlite3.Connection, records: Sequence[NewRecord], state: dict[str, str | None]
+    ) -> list[Appended]:
         # Sequences are taken in a local copy and published to the cache only after COMMIT succeeds,
         # so a failed transaction never burns or reuses a sequence number.
         def body(conn: sqlite3.Connection) -> tuple[int, dict[str, tuple[int, int]], list[Appended]]:
@@ -89,6 +101,8 @@ class _Writer:
             conn.executemany(
                 "UPDATE streams SET last_seq = ? WHERE id = ?", [(seq, sid) for sid, seq in seqs.values()]
             )
+            if state:
+                write_state(conn, state)
             return boot, seqs, appended
 
         boot, seqs, appended = transaction(conn, body)
@@ -102,51 +116,63 @@ class Outbox:
         self._db = db
         self._writer = _Writer(boot_id or read_boot_id())
         self._max_batch = max_batch
-        self._pending: deque[tuple[Sequence[NewRecord], asyncio.Future[list[Appended]]]] = deque()
+        self._pending: deque[_Pending] = deque()
         self._flusher: asyncio.Task[None] | None = None
         self.commits = 0
         self.records_committed = 0
 
-    async def append(self, records: Sequence[NewRecord]) -> list[Appended]:
-        """Make ``records`` durable; returns their (stream, seq) in order. Empty input is a no-op."""
-        if not records:
+    async def append(
+        self, records: Sequence[NewRecord], state: dict[str, Any] | None = None
+    ) -> list[Appended]:
+        """Make ``records`` durable; returns their (stream, seq) in order.
+
+        ``state`` sets (or, with value None, deletes) keys of the state table in the same transaction, so
+        an event and the state it reports cannot part ways in a crash (a trip's completion and its state).
+        """
+        if not records and not state:
             return []
+        encoded = {
+            k: None if v is None else json.dumps(v, separators=(",", ":")) for k, v in (state or {}).items()
+        }
         future: asyncio.Future[list[Appended]] = asyncio.get_running_loop().create_future()
-        self._pending.append((records, future))
+        self._pending.append(_Pending(records, encoded, future))
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush(), name="outbox-group-commit")
         # Shielded: a caller that gives up waiting does not cancel a commit others share.
         return await asyncio.shield(future)
 
-    async def append_one(self, record: NewRecord) -> Appended:
-        return (await self.append([record]))[0]
+    async def append_one(self, record: NewRecord, state: dict[str, Any] | None = None) -> Appended:
+        return (await self.append([record], state))[0]
 
-    def _take_group(self) -> list[tuple[Sequence[NewRecord], asyncio.Future[list[Appended]]]]:
+    def _take_group(self) -> list[_Pending]:
         group, count = [], 0
-        while self._pending and (not group or count + len(self._pending[0][0]) <= self._max_batch):
+        while self._pending and (not group or count + len(self._pending[0].records) <= self._max_batch):
             item = self._pending.popleft()
             group.append(item)
-            count += len(item[0])
+            count += len(item.records)
         return group
 
     async def _flush(self) -> None:
         while self._pending:
             group = self._take_group()
-            flat = [r for records, _ in group for r in records]
+            flat = [r for item in group for r in item.records]
+            state: dict[str, str | None] = {}
+            for item in group:
+                state.update(item.state)
             try:
-                appended = await self._db.run(self._writer.write, flat)
+                appended = await self._db.run(self._writer.write, flat, state)
             except Exception as exc:
-                for _, future in group:
-                    if not future.done():
-                        future.set_exception(exc)
+                for item in group:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
                 continue
             self.commits += 1
             self.records_committed += len(flat)
             start = 0
-            for records, future in group:
-                if not future.done():
-                    future.set_result(appended[start : start + len(records)])
-                start += len(records)
+            for item in group:
+                if not item.future.done():
+                    item.future.set_result(appended[start : start + len(item.records)])
+                start += len(item.records)
 
     async def drain_pending(self) -> None:
         """Wait until every append made so far is committed (or failed)."""

@@ -1,0 +1,109 @@
+"""The reading sink: drivers' values become telemetry records, appended to the outbox in batches.
+
+``add`` stamps a reading the moment it is taken and keeps it in memory; the sink commits what it holds
+every ``flush_interval_s`` or as soon as ``max_pending`` readings wait, in one group commit. Nobody is told a
+reading was taken before it is committed, so a crash loses at most the readings of the last interval, and
+none that was reported. The latest value of each signal is kept for the live CLI views.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from fleetgate.daemon.clock import Clock
+from fleetgate.daemon.signals import CATALOGUE
+from fleetgate.sync.store import NewRecord, Outbox, Priority, Stamp
+
+log = logging.getLogger(__name__)
+
+STREAM = "telemetry"
+MAX_HELD_FACTOR = 10  # readings held in memory while the store fails, in units of max_pending
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
+
+
+@dataclass(frozen=True, slots=True)
+class Latest:
+    value: Any
+    unit: str
+    stamp: Stamp
+
+
+class ReadingSink:
+    name = "readings"
+
+    def __init__(
+        self, outbox: Outbox, clock: Clock, flush_interval_s: float = 1.0, max_pending: int = 5000
+    ) -> None:
+        self._outbox = outbox
+        self._clock = clock
+        self._flush_interval_s = flush_interval_s
+        self._max_pending = max_pending
+        self._pending: list[NewRecord] = []
+        self._full = asyncio.Event()
+        self.latest: dict[str, Latest] = {}
+        self.taken = 0
+        self.committed = 0
+        self.rejected = 0
+        self.dropped = 0
+
+    def add(self, signal: str, value: Any, stamp: Stamp | None = None) -> None:
+        """Take one reading of a catalogue signal; its unit comes from the catalogue."""
+        meta = CATALOGUE.get(signal)
+        if meta is None:
+            raise ValueError(f"unknown signal {signal!r}")
+        stamp = stamp or self._clock.stamp()
+        try:
+            payload = _dumps({"signal": signal, "value": value, "unit": meta.unit}).encode()
+        except (TypeError, ValueError) as exc:  # NaN, infinity or an object a driver should not have passed
+            self.rejected += 1
+            log.warning("reading rejected", extra={"signal": signal, "error": str(exc)})
+            return
+        self._pending.append(NewRecord(STREAM, Priority.TELEMETRY, stamp, payload))
+        self.latest[signal] = Latest(value, meta.unit, stamp)
+        self.taken += 1
+        if len(self._pending) >= self._max_pending:
+            self._full.set()
+
+    async def flush(self) -> int:
+        """Commit every pending reading now; returns how many."""
+        batch, self._pending = self._pending, []
+        self._full.clear()
+        if not batch:
+            return 0
+        try:
+            await self._outbox.append(batch)
+        except Exception:
+            # Keep the readings for the next try; if the store stays broken, memory stays bounded.
+            self._pending[:0] = batch
+            overflow = len(self._pending) - MAX_HELD_FACTOR * self._max_pending
+            if overflow > 0:
+                del self._pending[:overflow]
+                self.dropped += overflow
+                log.error("store failing: oldest uncommitted readings dropped", extra={"dropped": overflow})
+            raise
+        self.committed += len(batch)
+        return len(batch)
+
+    async def run(self) -> None:
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._full.wait(), self._flush_interval_s)
+                await self.flush()
+        finally:
+            # Stopping (or crashing): keep what was taken. Shielded, so cancellation cannot cut it short.
+            await asyncio.shield(self.flush())
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "taken": self.taken,
+            "committed": self.committed,
+            "pending": len(self._pending),
+            "rejected": self.rejected,
+            "dropped": self.dropped,
+        }
