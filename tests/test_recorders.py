@@ -223,3 +223,16 @@ def test_late_gps_trust_corrects_earlier_records_of_this_boot(tmp_path):
     for record in batch:
         # Every wall time now reads about an hour ahead of the system clock, as GPS says it should.
         assert record.wall_ns - before == pytest.approx(skew_ns, abs=5 * S)
+
+
+@pytest.mark.parametrize("value", [0.1, 1e16, -3.5e-9, 42, -7, True, None, 'text "q" é', {"a": [1, 2.5]}])
+def test_fast_payload_encoding_equals_json(value):
+    """Guards the hot-path encoder against drifting from what json.dumps would write."""
+    from fleetgate.daemon.readings import _TEMPLATES, _encode_value
+
+    prefix, suffix, unit = _TEMPLATES["rpm"]
+    payload = prefix + _encode_value(value) + suffix
+    assert json.loads(payload) == {"signal": "rpm", "value": value, "unit": unit}
+    assert payload == json.dumps(
+        {"signal": "rpm", "value": value, "unit": unit}, separators=(",", ":"), ensure_ascii=False
+    )

@@ -13,6 +13,7 @@ import sqlite3
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,26 @@ class StreamDepth:
     depth: int
     last_seq: int
     oldest_wall_ns: int | None
+
+
+INSERT = "INSERT INTO outbox(stream_id, seq, priority, wall_ns, mono_ns, boot, time_trusted, payload) VALUES "
+ROW = "(?, ?, ?, ?, ?, ?, ?, ?)"
+CHUNK = 100
+INSERT_CHUNK = INSERT + ", ".join([ROW] * CHUNK)
+
+
+def insert_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """Insert outbox rows, 100 per statement.
+
+    executemany steps one row at a time and releases the GIL around every step; with the event loop busy in
+    the other thread, each row then waits to get the GIL back (a convoy: measured 3.5k rows/s against 400k
+    alone). One multi-row statement per 100 rows crosses that boundary 100 times less, and is faster alone too.
+    """
+    full = len(rows) - len(rows) % CHUNK
+    for start in range(0, full, CHUNK):
+        conn.execute(INSERT_CHUNK, list(chain.from_iterable(rows[start : start + CHUNK])))
+    if full < len(rows):
+        conn.executemany(INSERT + ROW, rows[full:])
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,28 +97,15 @@ class _Writer:
             seqs: dict[str, tuple[int, int]] = {}
             rows = []
             appended = []
-            for r in records:
-                stream_id, seq = seqs.get(r.stream) or self._stream(conn, r.stream)
+            add_row, add_appended = rows.append, appended.append
+            for stream, priority, stamp, payload in records:
+                stream_id, seq = seqs.get(stream) or self._stream(conn, stream)
                 seq += 1
-                seqs[r.stream] = (stream_id, seq)
-                rows.append(
-                    (
-                        stream_id,
-                        seq,
-                        int(r.priority),
-                        r.stamp.wall_ns,
-                        r.stamp.mono_ns,
-                        boot,
-                        int(r.stamp.trusted),
-                        r.payload,
-                    )
-                )
-                appended.append(Appended(r.stream, seq))
-            conn.executemany(
-                "INSERT INTO outbox(stream_id, seq, priority, wall_ns, mono_ns, boot, time_trusted, payload)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                rows,
-            )
+                seqs[stream] = (stream_id, seq)
+                wall_ns, mono_ns, trusted = stamp
+                add_row((stream_id, seq, priority, wall_ns, mono_ns, boot, trusted, payload))
+                add_appended(Appended(stream, seq))
+            insert_rows(conn, rows)
             conn.executemany(
                 "UPDATE streams SET last_seq = ? WHERE id = ?", [(seq, sid) for sid, seq in seqs.values()]
             )

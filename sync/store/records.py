@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 
 class Priority(IntEnum):
@@ -16,8 +16,7 @@ class Priority(IntEnum):
     TELEMETRY = 2
 
 
-@dataclass(frozen=True, slots=True)
-class Stamp:
+class Stamp(NamedTuple):
     """When a record was taken: wall clock, boot-relative monotonic clock, and whether wall time was trusted."""
 
     wall_ns: int
@@ -25,8 +24,9 @@ class Stamp:
     trusted: bool
 
 
-@dataclass(frozen=True, slots=True)
-class NewRecord:
+class NewRecord(NamedTuple):
+    """A record to append. (NamedTuples, not dataclasses: these are made per reading on the hot path.)"""
+
     stream: str
     priority: Priority
     stamp: Stamp
@@ -38,8 +38,7 @@ class NewRecord:
         return cls(stream, priority, stamp, payload.encode())
 
 
-@dataclass(frozen=True, slots=True)
-class Appended:
+class Appended(NamedTuple):
     """A record made durable: its idempotent id is (device, stream, seq)."""
 
     stream: str
