@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,15 @@ def _parser() -> argparse.ArgumentParser:
 
     st = sub.add_parser("status", help="components, backlog, uptime and time trust of the running daemon")
     st.add_argument("--json", action="store_true", help="print the raw JSON reply")
+
+    for name, what in (
+        ("obd", "adapter, VIN, live values, MIL and DTCs, ignition"),
+        ("gps", "fix, satellites, time trust"),
+    ):
+        view = sub.add_parser(name, help=f"{what} (from the running daemon)")
+        view.add_argument("--json", action="store_true", help="print the raw JSON reply")
+
+    sub.add_parser("signals", help="the signal catalogue: names, units, sources, REEF/Vinli names (Markdown)")
 
     cfg = sub.add_parser("config", help="check a configuration file or show the schema")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
@@ -101,9 +111,19 @@ def _ask(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = N
     return request(socket_path, cmd, cmd_args)
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    result = _ask(args, "status")
-    print(json.dumps(result, indent=2) if args.json else render.status(result))
+def _view(cmd: str, human: Callable[[dict[str, Any]], str]) -> Callable[[argparse.Namespace], int]:
+    def show(args: argparse.Namespace) -> int:
+        result = _ask(args, cmd)
+        print(json.dumps(result, indent=2) if args.json else human(result))
+        return 0
+
+    return show
+
+
+def _cmd_signals(args: argparse.Namespace) -> int:
+    from fleetgate.daemon.signals import signals_markdown
+
+    sys.stdout.write(signals_markdown())
     return 0
 
 
@@ -122,7 +142,14 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "status": _cmd_status, "config": _cmd_config}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _cmd_run,
+    "status": _view("status", render.status),
+    "obd": _view("obd", render.obd),
+    "gps": _view("gps", render.gps),
+    "signals": _cmd_signals,
+    "config": _cmd_config,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -71,3 +71,84 @@ def status(s: dict[str, Any]) -> str:
         rec = store["recovered"]
         out.append(f"  WARNING: database was corrupt ({rec['reason']}); old file kept at {rec['moved_to']}")
     return "\n".join(out)
+
+
+def _value(v: object) -> str:
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, dict):
+        return ", ".join(f"{k}={_value(x)}" for k, x in v.items())
+    return "-" if v is None else str(v)
+
+
+def obd(s: dict[str, Any]) -> str:
+    if not s.get("enabled"):
+        return "OBD-II: disabled in the configuration ([obd] enabled = false)"
+    out = [
+        f"adapter: {s['state']} on {s['port']}"
+        + (
+            f" since {time.strftime('%H:%M:%S', time.localtime(s['connected_since']))}"
+            if s["connected_since"]
+            else ""
+        ),
+        f"vehicle: VIN {s['vin'] or 'unknown'}  protocol {s['protocol'] or '-'}  {s['elm_version'] or ''}".rstrip(),
+        f"ignition: {s['trips']['ignition']}"
+        + (f"  trip {s['trips']['trip']['id']}" if s["trips"]["trip"] else "")
+        + f"  ({s['trips']['trips_completed']} trips completed since start)",
+    ]
+    values = s["values"]
+    if values:
+        out.append("live values:")
+        out.append(
+            table(
+                ["SIGNAL", "VALUE", "UNIT", "AGE"],
+                [
+                    [name, _value(v["value"]), v["unit"], f"{v['age_s']:.1f}s"]
+                    for name, v in sorted(values.items())
+                ],
+            )
+        )
+    dtc = s["dtc"]
+    mil = {True: "ON", False: "off", None: "unknown"}[dtc["mil"]]
+    out.append(f"MIL: {mil}  stored DTCs: {len(dtc['active'])}")
+    for code in dtc["active"]:
+        out.append(f"  {code['code']}  {code['description']}  since {code['start']}")
+    counters = s["counters"]
+    if counters:
+        out.append("counters: " + "  ".join(f"{k}={v}" for k, v in sorted(counters.items())))
+    return "\n".join(out)
+
+
+def gps(s: dict[str, Any]) -> str:
+    trust = s["time"]
+    trust_line = "time: " + (
+        f"trusted ({trust['source']})" if trust["trusted"] else "UNTRUSTED (no NTP sync, no GPS time yet)"
+    )
+    if trust.get("system_clock_error_s") is not None:
+        trust_line += f"  system clock off by {trust['system_clock_error_s']:+.3f} s"
+    if not s.get("enabled"):
+        return "GPS: disabled in the configuration ([gps] enabled = false)\n" + trust_line
+    out = [f"gpsd: {s['gpsd']} {'connected' if s['connected'] else 'NOT CONNECTED'}"]
+    if s.get("last_error"):
+        out[0] += f"  (last error: {s['last_error']})"
+    fix = s["fix"]
+    if fix is None:
+        out.append("fix: none received yet")
+    else:
+        mode = {0: "unknown", 1: "NO FIX", 2: "2D", 3: "3D"}.get(fix["mode"], str(fix["mode"]))
+        out.append(f"fix: {mode}  ({fix['age_s']:.1f}s ago)")
+        if fix["latitude"] is not None:
+            out.append(
+                f"  position {fix['latitude']:.6f}, {fix['longitude']:.6f}  altitude {_value(fix['altitude_m'])} m"
+            )
+            out.append(f"  speed {_value(fix['speed_kmh'])} km/h  heading {_value(fix['heading_deg'])} deg")
+    sky = s["sky"]
+    if sky is not None:
+        out.append(
+            f"satellites: {_value(sky['satellites_used'])} used of {_value(sky['satellites_visible'])} visible"
+            f"  HDOP {_value(sky['hdop'])}"
+        )
+    out.append(trust_line)
+    if s["counters"]:
+        out.append("counters: " + "  ".join(f"{k}={v}" for k, v in sorted(s["counters"].items())))
+    return "\n".join(out)

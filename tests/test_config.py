@@ -138,3 +138,10 @@ def test_configuration_reference_is_current():
 
     docs = Path(__file__).parent.parent / "docs" / "configuration.md"
     assert docs.read_text() == schema_markdown(), "run: fleetgate config schema > docs/configuration.md"
+
+
+def test_signal_catalogue_docs_are_current():
+    from fleetgate.daemon.signals import signals_markdown
+
+    docs = Path(__file__).parent.parent / "docs" / "signals.md"
+    assert docs.read_text() == signals_markdown(), "run: fleetgate signals > docs/signals.md"
