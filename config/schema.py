@@ -185,7 +185,15 @@ class ObdConfig(Section):
     )
 
     @model_validator(mode="after")
-    def _intervals_positive(self) -> ObdConfig:
+    def _schedule_is_sane(self) -> ObdConfig:
+        from fleetgate.daemon.signals import CATALOGUE  # plain data; imported late to keep config importable alone
+
+        obd_signals = sorted(name for name, s in CATALOGUE.items() if s.source.startswith("OBD"))
+        unknown = [name for name in self.schedule if name not in obd_signals]
+        if unknown:
+            raise ValueError(
+                f"schedule names unknown OBD signals: {', '.join(unknown)} (known: {', '.join(obd_signals)})"
+            )
         bad = [name for name, every in self.schedule.items() if not every > 0]
         if bad:
             raise ValueError(f"schedule intervals must be > 0 seconds: {', '.join(bad)}")

@@ -145,3 +145,10 @@ def test_signal_catalogue_docs_are_current():
 
     docs = Path(__file__).parent.parent / "docs" / "signals.md"
     assert docs.read_text() == signals_markdown(), "run: fleetgate signals > docs/signals.md"
+
+
+def test_obd_schedule_names_must_be_catalogue_signals(tmp_path):
+    path = write_config(tmp_path / "c.toml", "[obd]\nschedule = { vehicle_speed = 1, warp_drive = 2 }\n")
+    [(key, message)] = problems(path)
+    assert key == "obd"
+    assert "warp_drive" in message and "vehicle_speed" in message  # names the culprit and what is known
