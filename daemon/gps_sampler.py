@@ -6,6 +6,7 @@ stays silent; the supervisor restarts this component with backoff, which reconne
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -51,13 +52,14 @@ class GpsSampler:
         cfg = self._config
         client = self.client = self._factory(cfg.host, cfg.port, cfg.silence_timeout_s)
         try:
-            async for report in client.reports():
-                if self.connected_since is None:
-                    self.connected_since = time.time()
-                if isinstance(report, GpsFix):
-                    self._on_fix(report)
-                elif isinstance(report, GpsSky):
-                    self._on_sky(report)
+            async with contextlib.aclosing(client.reports()) as reports:
+                async for report in reports:
+                    if self.connected_since is None:
+                        self.connected_since = time.time()
+                    if isinstance(report, GpsFix):
+                        self._on_fix(report)
+                    elif isinstance(report, GpsSky):
+                        self._on_sky(report)
         finally:
             self.connected_since = None
 
