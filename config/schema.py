@@ -186,7 +186,8 @@ class ObdConfig(Section):
 
     @model_validator(mode="after")
     def _schedule_is_sane(self) -> ObdConfig:
-        from fleetgate.daemon.signals import CATALOGUE  # plain data; imported late to keep config importable alone
+        # The catalogue is plain data; imported here so the config package stays importable on its own.
+        from fleetgate.daemon.signals import CATALOGUE
 
         obd_signals = sorted(name for name, s in CATALOGUE.items() if s.source.startswith("OBD"))
         unknown = [name for name in self.schedule if name not in obd_signals]

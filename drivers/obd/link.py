@@ -1,0 +1,223 @@
+"""The blocking side: one python-obd connection. Everything here runs on the adapter's worker thread.
+
+python-obd reports most trouble by logging and by its status rather than by raising: a serial error
+(unplugged adapter, vanished pty) is swallowed inside its read/write and turns `status()` into
+NOT_CONNECTED, after which every query returns an empty response. `Link.query` checks the status after each
+query and reports LOST, so the adapter can raise instead of returning None forever.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import obd
+from obd import OBDCommand, OBDStatus
+
+from .commands import PID_BITMAPS, VIN_RAW
+from .model import AdapterInfo
+
+log = logging.getLogger(__name__)
+
+# Adapter text answers that mean "the vehicle said nothing" rather than "bad bytes".
+_NO_DATA_TEXT = ("NO DATA", "SEARCHING", "STOPPED", "UNABLE TO CONNECT", "BUS INIT", "CAN ERROR", "BUS ERROR")
+
+
+class Outcome(enum.Enum):
+    OK = "ok"
+    NO_DATA = "no_data"
+    DECODE_ERROR = "decode_error"
+    LOST = "lost"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    outcome: Outcome
+    value: Any = None
+    detail: str = ""
+
+
+class OpenFailed(Exception):
+    def __init__(self, reason: str, retryable: bool) -> None:
+        super().__init__(reason)
+        self.retryable = retryable
+
+
+@contextmanager
+def _obd_errors() -> Iterator[list[str]]:
+    """Collect the error lines python-obd logs on this thread (its only account of why a connect failed)."""
+    errors: list[str] = []
+    me = threading.get_ident()
+
+    class _Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.thread == me:
+                errors.append(record.getMessage())
+
+    handler = _Collect(logging.ERROR)
+    logger = logging.getLogger("obd")
+    logger.addHandler(handler)
+    try:
+        yield errors
+    finally:
+        logger.removeHandler(handler)
+
+
+class Link:
+    def __init__(self, conn: obd.OBD, port: str, timeout_s: float) -> None:
+        self._conn = conn
+        self._raw: list[Any] | None = None
+        self.supported: frozenset[int] = frozenset()  # mode 01 PIDs the vehicle says it supports
+        self.known_up_to = 0  # ... and the highest PID whose support is known
+        iface = conn.interface
+        send = iface.send_and_parse
+
+        # query() keeps only the messages from the command's ECU; the adapter's own text ("NO DATA",
+        # garbage) is needed to tell no data from bad bytes, so keep the unfiltered list too.
+        def tapped(cmd: bytes) -> Any:
+            self._raw = send(cmd)
+            return self._raw
+
+        iface.send_and_parse = tapped
+        # python-obd opens the port with a fixed 10 s read timeout (its `timeout` only applies to baud
+        # detection); bound reads and writes by ours from here on.
+        serial_port = getattr(iface, "_ELM327__port", None)
+        if serial_port is not None:
+            serial_port.timeout = timeout_s
+            serial_port.write_timeout = timeout_s
+        self.info = AdapterInfo(port=port, protocol=conn.protocol_name(), elm_version="", vin=None)
+
+    @classmethod
+    def open(
+        cls,
+        port: str,
+        baudrate: int | None,
+        protocol: str | None,
+        timeout_s: float,
+        abandoned: threading.Event,
+    ) -> Link:
+        if "://" not in port and not os.path.exists(port):  # pyserial URLs (socket://...) aside
+            raise OpenFailed("no such device (adapter unplugged?)", retryable=False)
+        with _obd_errors() as errors:
+            try:
+                conn = obd.OBD(port, baudrate=baudrate, protocol=protocol, fast=True, timeout=timeout_s)
+            except Exception as exc:
+                raise OpenFailed(f"python-obd raised {exc!r}", retryable=True) from exc
+        status = conn.status()
+        if abandoned.is_set() or status != OBDStatus.CAR_CONNECTED:
+            _close_quietly(conn)
+            if abandoned.is_set():
+                raise OpenFailed("connect abandoned", retryable=False)
+            reason = errors[-1] if errors else f"python-obd status {status!r}"
+            if status == OBDStatus.NOT_CONNECTED:
+                raise OpenFailed(f"adapter did not initialise: {reason}", retryable=True)
+            raise OpenFailed(f"the adapter answers, the vehicle does not (ignition off?): {reason}", False)
+        link = cls(conn, port, timeout_s)
+        version = link.query(obd.commands.ELM_VERSION)
+        vin = link.query(VIN_RAW)
+        if Outcome.LOST in (version.outcome, vin.outcome):
+            link.close()
+            raise OpenFailed("adapter lost while identifying the vehicle", retryable=True)
+        if vin.outcome is not Outcome.OK:
+            log.info("no VIN from the vehicle", extra={"port": port, "detail": vin.detail})
+        link.info = AdapterInfo(
+            port=port,
+            protocol=link.info.protocol,
+            elm_version=str(version.value or "").strip(),
+            vin=vin.value if vin.outcome is Outcome.OK else None,
+        )
+        link._read_supported()
+        if abandoned.is_set():
+            link.close()
+            raise OpenFailed("connect abandoned", retryable=False)
+        return link
+
+    def unsupported(self, cmd: OBDCommand) -> bool:
+        return (
+            cmd.mode == 1
+            and cmd.pid is not None
+            and cmd.pid <= self.known_up_to
+            and cmd.pid not in self.supported
+        )
+
+    def query(self, cmd: OBDCommand) -> Answer:
+        conn = self._conn
+        if conn.status() == OBDStatus.NOT_CONNECTED:
+            return Answer(Outcome.LOST, detail="serial port closed")
+        self._raw = None
+        try:
+            response = conn.query(cmd, force=True)
+        except Exception as exc:  # a decoder tripping over bad bytes, or python-obd over a vanished port
+            if conn.status() == OBDStatus.NOT_CONNECTED:
+                return Answer(Outcome.LOST, detail=repr(exc))
+            return Answer(Outcome.DECODE_ERROR, detail=repr(exc))
+        if conn.status() == OBDStatus.NOT_CONNECTED:
+            return Answer(Outcome.LOST, detail="serial port error")
+        raw = self._raw or []
+        if cmd.mode is None:  # an AT command: python-obd's decoder reads the adapter's own text
+            if response.value is None:
+                return Answer(Outcome.DECODE_ERROR, detail=_texts(raw))
+            return Answer(Outcome.OK, response.value)
+        return _classify(cmd, raw)
+
+    def close(self) -> None:
+        _close_quietly(self._conn)
+
+    def _read_supported(self) -> None:
+        supported: set[int] = set()
+        for cmd in PID_BITMAPS:
+            if cmd.pid and cmd.pid not in supported:  # the previous bitmap says this range is not supported
+                self.known_up_to = 0xFF
+                break
+            answer = self.query(cmd)
+            if answer.outcome is not Outcome.OK:
+                break  # support beyond this range stays unknown: such PIDs are simply asked
+            supported |= answer.value
+            self.known_up_to = cmd.pid + 0x20
+        self.supported = frozenset(supported)
+
+
+def _classify(cmd: OBDCommand, raw: Sequence[Any]) -> Answer:
+    frames = [m for m in raw if m.tx_id is not None]  # parsed CAN/legacy frames, by ECU
+    mine = [m for m in frames if cmd.ecu & m.ecu]
+    service = 0x40 + cmd.mode
+    valid = [
+        m
+        for m in mine
+        if len(m.data) >= 2 and m.data[0] == service and (cmd.pid is None or m.data[1] == cmd.pid)
+    ]
+    if valid:
+        try:
+            value = cmd.decode(valid)
+        except Exception as exc:
+            return Answer(Outcome.DECODE_ERROR, detail=repr(exc))
+        if value is None:
+            return Answer(Outcome.DECODE_ERROR, detail=_texts(raw))
+        return Answer(Outcome.OK, value)
+    if any(m.data[:1] == b"\x7f" for m in mine):
+        return Answer(Outcome.NO_DATA, detail="negative response")
+    if mine:
+        return Answer(Outcome.DECODE_ERROR, detail=_texts(raw))
+    if frames:
+        return Answer(Outcome.NO_DATA, detail="only other ECUs answered")
+    texts = [m.raw().strip().upper() for m in raw]
+    if texts and all(any(t.startswith(marker) for marker in _NO_DATA_TEXT) for t in texts):
+        return Answer(Outcome.NO_DATA, detail=_texts(raw))
+    return Answer(Outcome.DECODE_ERROR, detail=_texts(raw) or "no parseable answer")
+
+
+def _texts(raw: Sequence[Any]) -> str:
+    return " | ".join(m.raw() for m in raw)[:200]
+
+
+def _close_quietly(conn: obd.OBD) -> None:
+    try:
+        conn.close()
+    except Exception as exc:  # closing a port that already vanished
+        log.debug("closing python-obd connection failed", extra={"error": repr(exc)})
