@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).parent.parent
-MAPPED = {"fleetgate": "fleetgate", "daemon": "fleetgate/daemon", "drivers": "fleetgate/drivers", "sync": "fleetgate/sync",
-          "config": "fleetgate/config"}  # fmt: skip
+MAPPED = {folder: f"fleetgate/{folder}" for folder in ("daemon", "drivers", "sync", "config")} | {
+    "fleetgate": "fleetgate"
+}
 
 
 @pytest.mark.timeout(180)
