@@ -232,8 +232,9 @@ class TripsConfig(Section):
         13.2,
         gt=0,
         le=60,
-        description="A control-module or adapter voltage at or above this means the alternator or DC-DC "
-        "converter is charging, i.e. ignition on (EVs report no RPM at a standstill).",
+        description="A control-module voltage (PID 42, answered only while the ECU is awake) at or above this "
+        "means the alternator or DC-DC converter is charging, i.e. ignition on (EVs report no RPM at a "
+        "standstill). The adapter's own voltage (ATRV) is not used: it is the battery, there with the ignition off.",
     )
     moving_speed_kmh: float = Field(
         3.0,

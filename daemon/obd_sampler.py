@@ -58,7 +58,8 @@ class ObdSampler:
         self.adapter: ObdAdapter | None = None
         self.state = "disconnected"
         self.connected_since: float | None = None
-        self._voltage: tuple[int, float] | None = None  # (mono_ns, volts) of the latest voltage reading
+        # (mono_ns, volts) of the latest control-module voltage: the ECU answers it only while awake.
+        self._voltage: tuple[int, float] | None = None
 
     async def run(self) -> None:
         cfg = self._config
@@ -119,11 +120,11 @@ class ObdSampler:
                 await self._dtcs.update(mil, [(d.code, d.description) for d in dtcs])
             return None
         if task == VOLTAGE_TASK:
+            # Not ignition evidence: it is the 12 V battery at the port, there with the ignition off too, and
+            # above 13 V for minutes after the engine stops (surface charge).
             volts = await adapter.adapter_voltage()
             if volts is not None:
-                stamp = self._clock.stamp()
-                self._sink.add("adapter_voltage", volts, stamp)
-                self._voltage = (stamp.mono_ns, volts)
+                self._sink.add("adapter_voltage", volts)
             return None
         sample = await adapter.sample(task)
         stamp = self._clock.stamp()
