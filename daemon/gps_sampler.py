@@ -75,7 +75,7 @@ class GpsSampler:
         if not has_fix:
             return
         assert fix.lat is not None and fix.lon is not None
-        self._trips.observe_fix(stamp.mono_ns, fix.lat, fix.lon)
+        self._trips.observe_fix(stamp.mono_ns, fix.lat, fix.lon, fix.time_ns)
         if stamp.mono_ns - self._last_position_ns < self._config.sample_interval_s * 1e9:
             return
         self._last_position_ns = stamp.mono_ns

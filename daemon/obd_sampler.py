@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from fleetgate.config.schema import ObdConfig
 from fleetgate.daemon.clock import Clock
@@ -29,6 +29,12 @@ VIN_STATE_KEY = "vehicle.vin"
 DTC_TASK = "#dtc"
 VOLTAGE_TASK = "#adapter_voltage"
 VOLTAGE_FRESH_NS = 30 * 1_000_000_000  # a voltage older than this no longer counts as ignition evidence
+
+
+class Evidence(NamedTuple):
+    mono_ns: int  # when the sample was asked for
+    running: bool
+    answered: bool  # the ECU answered at all
 
 
 class ObdSampler:
@@ -58,6 +64,7 @@ class ObdSampler:
         self.adapter: ObdAdapter | None = None
         self.state = "disconnected"
         self.connected_since: float | None = None
+        self.ecu_silent = False
         # (mono_ns, volts) of the latest control-module voltage: the ECU answers it only while awake.
         self._voltage: tuple[int, float] | None = None
 
@@ -97,23 +104,38 @@ class ObdSampler:
             DTC_TASK: cfg.dtc_interval_s,
             VOLTAGE_TASK: cfg.adapter_voltage_interval_s,
         }
+        probe = next((s for s in ("rpm", "vehicle_speed") if s in cfg.schedule), None)
         due = dict.fromkeys(intervals, time.monotonic())
         while True:
             now = time.monotonic()
             ready = [task for task, at in due.items() if at <= now]
             for task in ready:
                 due[task] = now + intervals[task]
-            evidence: bool | None = None
+            if self.ecu_silent and probe is not None:
+                # With the ignition off every PID query waits out the adapter's search (seconds each): ask
+                # only the probe until the ECU answers again, and the adapter-level voltage.
+                ready = [t for t in ready if t in (probe, VOLTAGE_TASK)]
+            evidence: Evidence | None = None
             for task in ready:
-                running = await self._do(adapter, task)
-                if running is not None:
-                    evidence = bool(evidence) or running
+                found = await self._do(adapter, task)
+                if found is None:
+                    continue
+                evidence = (
+                    found
+                    if evidence is None
+                    else evidence._replace(running=evidence.running or found.running)
+                )
+                if task == probe:
+                    self.ecu_silent = not found.answered
+                    if self.ecu_silent:
+                        self._voltage = None  # an ECU that sleeps charges nothing: its last voltage is stale
+                        break  # the rest of this round would only wait out the same silence
             if evidence is not None:
-                await self._trips.observe_running(self._clock.stamp().mono_ns, evidence or self._charging())
+                await self._trips.observe_running(evidence.mono_ns, evidence.running or self._charging())
             await asyncio.sleep(max(0.0, min(due.values()) - time.monotonic()))
 
-    async def _do(self, adapter: ObdAdapter, task: str) -> bool | None:
-        """Run one scheduled task; returns running evidence when the task gives some (RPM, speed)."""
+    async def _do(self, adapter: ObdAdapter, task: str) -> Evidence | None:
+        """Run one scheduled task; returns ignition evidence for the tasks that give some (RPM, speed)."""
         if task == DTC_TASK:
             mil, dtcs = await adapter.read_dtcs()
             if mil is not None:  # ECU silent (ignition off): no verdict, so no code is closed for it
@@ -126,16 +148,17 @@ class ObdSampler:
             if volts is not None:
                 self._sink.add("adapter_voltage", volts)
             return None
+        stamp = self._clock.stamp()  # the moment asked about, not the moment the (maybe slow) answer came
         sample = await adapter.sample(task)
-        stamp = self._clock.stamp()
         if sample is None:
-            return False if task in ("rpm", "vehicle_speed") else None  # an ECU that stays silent is "off"
+            # An ECU that does not answer RPM or speed is asleep: ignition off.
+            return Evidence(stamp.mono_ns, False, False) if task in ("rpm", "vehicle_speed") else None
         self._sink.add(task, sample.value, stamp)
         if task == "vehicle_speed":
             self._trips.observe_speed(stamp.mono_ns, sample.value)
-            return sample.value > 0
+            return Evidence(stamp.mono_ns, sample.value > 0, True)
         if task == "rpm":
-            return sample.value > 0
+            return Evidence(stamp.mono_ns, sample.value > 0, True)
         if task == "control_module_voltage":
             self._voltage = (stamp.mono_ns, sample.value)
         return None
@@ -162,6 +185,7 @@ class ObdSampler:
         return {
             "enabled": True,
             "state": self.state,
+            "ecu": "silent (ignition off?)" if self.ecu_silent else "answering",
             "port": self._config.port,
             "connected_since": self.connected_since,
             "vin": info.vin if info else None,

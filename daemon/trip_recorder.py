@@ -47,7 +47,7 @@ class TripRecorder:
         self.position: tuple[float, float] | None = None
         # Samples taken while ignition evidence is still being confirmed belong to the trip once it starts.
         self._recent_speeds: deque[tuple[int, float]] = deque(maxlen=RECENT_SAMPLES)
-        self._recent_fixes: deque[tuple[int, float, float]] = deque(maxlen=RECENT_SAMPLES)
+        self._recent_fixes: deque[tuple[int, float, float, int | None]] = deque(maxlen=RECENT_SAMPLES)
         self.trips_completed = 0
         self._restored = False
 
@@ -93,12 +93,12 @@ class TripRecorder:
         else:
             self._recent_speeds.append((mono_ns, kmh))
 
-    def observe_fix(self, mono_ns: int, lat: float, lon: float) -> None:
+    def observe_fix(self, mono_ns: int, lat: float, lon: float, gps_time_ns: int | None = None) -> None:
         self.position = (lat, lon)
         if self.trip is not None:
-            self.trip.add_fix(mono_ns, lat, lon, self.thresholds)
+            self.trip.add_fix(mono_ns, lat, lon, self.thresholds, gps_time_ns)
         else:
-            self._recent_fixes.append((mono_ns, lat, lon))
+            self._recent_fixes.append((mono_ns, lat, lon, gps_time_ns))
 
     async def _start(self, mono_ns: int) -> None:
         earlier_fixes = [f for f in self._recent_fixes if f[0] < mono_ns]
@@ -107,9 +107,9 @@ class TripRecorder:
         for at, kmh in self._recent_speeds:
             if at >= mono_ns:
                 trip.add_speed(at, kmh, self.thresholds)
-        for at, lat, lon in self._recent_fixes:
+        for at, lat, lon, gps_ns in self._recent_fixes:
             if at >= mono_ns:
-                trip.add_fix(at, lat, lon, self.thresholds)
+                trip.add_fix(at, lat, lon, self.thresholds, gps_ns)
         self._recent_speeds.clear()
         self._recent_fixes.clear()
         stamp = self._stamp(mono_ns)

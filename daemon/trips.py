@@ -89,7 +89,7 @@ class Trip:
     location_count: int = 0
     moving: bool = False
     last_speed: tuple[int, float] | None = None  # (mono_ns, km/h)
-    last_fix: tuple[int, float, float] | None = None  # (mono_ns, lat, lon)
+    last_fix: tuple[int, float, float, int | None] | None = None  # (mono_ns, lat, lon, gps_time_ns)
     start_point: tuple[float, float] | None = None  # (lat, lon)
     preview: list[tuple[float, float]] = field(default_factory=list)
 
@@ -125,18 +125,24 @@ class Trip:
                     self.hard_brake_count += 1
         self.last_speed = (mono_ns, kmh)
 
-    def add_fix(self, mono_ns: int, lat: float, lon: float, th: TripThresholds) -> None:
+    def add_fix(
+        self, mono_ns: int, lat: float, lon: float, th: TripThresholds, gps_time_ns: int | None = None
+    ) -> None:
         self.last_mono_ns = max(self.last_mono_ns, mono_ns)
         self.location_count += 1
         if self.start_point is None:
             self.start_point = (lat, lon)
         if self.last_fix is not None:
-            prev_ns, prev_lat, prev_lon = self.last_fix
+            prev_ns, prev_lat, prev_lon, prev_gps_ns = self.last_fix
             step = haversine_m(prev_lat, prev_lon, lat, lon)
-            dt = (mono_ns - prev_ns) / 1e9
-            if dt > 0 and step / dt * KMH_PER_MPS <= th.max_gps_jump_kmh:
+            # GPS time when both fixes have it: arrival times bunch up when gpsd or the link buffers.
+            if gps_time_ns is not None and prev_gps_ns is not None and gps_time_ns > prev_gps_ns:
+                dt = (gps_time_ns - prev_gps_ns) / 1e9
+            else:
+                dt = (mono_ns - prev_ns) / 1e9
+            if step == 0 or (dt > 0 and step / dt * KMH_PER_MPS <= th.max_gps_jump_kmh):
                 self.distance_gps_m += step
-        self.last_fix = (mono_ns, lat, lon)
+        self.last_fix = (mono_ns, lat, lon, gps_time_ns)
         if not self.preview or haversine_m(*self.preview[-1], lat, lon) >= th.preview_min_spacing_m:
             self.preview.append((lat, lon))
             if len(self.preview) > th.preview_max_points:

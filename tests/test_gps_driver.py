@@ -16,6 +16,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
+
+from fleetgate.drivers.gps import GpsdClient, GpsdError, GpsFix, GpsSky
+
 from gpsfake_fixture import (
     NMEA_ROUTE_PY,
     Gpsfake,
@@ -26,8 +29,6 @@ from gpsfake_fixture import (
     nmea_route,
     no_fix_route,
 )
-
-from fleetgate.drivers.gps import GpsdClient, GpsdError, GpsFix, GpsSky
 
 R = 6_371_008.8
 Report = GpsFix | GpsSky

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import obd
 import pytest
-from elm_emulator import ElmEmulator, frame
 from obd.codes import DTC as OBD_DTC_TABLE
 from obd.protocols import SAE_J1850_PWM, ISO_15765_4_11bit_500k
 
 from fleetgate.drivers.obd import SIGNALS, Dtc, ObdAdapter, ObdError, Sample, decode_vin, odometer_km
 from fleetgate.drivers.obd.commands import PINT_UNITS
+
+from elm_emulator import ElmEmulator, frame
 
 CAN_11_500 = ISO_15765_4_11bit_500k.ELM_NAME  # "ISO 15765-4 (CAN 11/500)"
 
