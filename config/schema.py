@@ -42,6 +42,10 @@ def _secret_file(path: Path, info: ValidationInfo) -> Path:
     return path
 
 
+def _resolve_device(port: str, info: ValidationInfo) -> str:
+    return port if "://" in port else str(_resolve(Path(port), info))
+
+
 ResolvedPath = Annotated[Path, AfterValidator(_resolve)]
 SecretFile = Annotated[Path, AfterValidator(_secret_file)]
 
@@ -157,7 +161,12 @@ DEFAULT_OBD_SCHEDULE: dict[str, float] = {
 
 class ObdConfig(Section):
     enabled: bool = Field(False, description="Read the vehicle's OBD-II port through an ELM327 adapter.")
-    port: str = Field("/dev/ttyUSB0", min_length=1, description="Serial device of the ELM327 adapter.")
+    port: Annotated[str, AfterValidator(_resolve_device)] = Field(
+        "/dev/ttyUSB0",
+        min_length=1,
+        description="Serial device of the ELM327 adapter (a relative path resolves against this file's folder; "
+        "pyserial URLs such as rfc2217://host:port are passed as they are).",
+    )
     baudrate: int | None = Field(
         38400,
         ge=1200,

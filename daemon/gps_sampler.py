@@ -16,7 +16,7 @@ from fleetgate.config.schema import GpsConfig
 from fleetgate.daemon.clock import Clock
 from fleetgate.daemon.readings import ReadingSink
 from fleetgate.daemon.trip_recorder import TripRecorder
-from fleetgate.drivers.gps import GpsdClient, GpsFix, GpsSky
+from fleetgate.drivers.gps import GpsdClient, GpsdError, GpsFix, GpsSky
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ SKY_INTERVAL_NS = 10 * 1_000_000_000
 
 class GpsSampler:
     name = "gps"
+    expected_errors = (GpsdError,)
 
     def __init__(
         self,

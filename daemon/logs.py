@@ -66,3 +66,5 @@ def setup_logging(level: str = "info", fmt: str = "logfmt") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # python-obd redefines a few units in pint at import; pint warns about each, every start. Noise, not news.
+    logging.getLogger("pint").setLevel(logging.ERROR)

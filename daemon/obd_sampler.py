@@ -20,7 +20,7 @@ from fleetgate.daemon.dtc import DtcTracker
 from fleetgate.daemon.events import Events
 from fleetgate.daemon.readings import ReadingSink
 from fleetgate.daemon.trip_recorder import TripRecorder
-from fleetgate.drivers.obd import ObdAdapter
+from fleetgate.drivers.obd import ObdAdapter, ObdError
 from fleetgate.sync.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,7 @@ class Evidence(NamedTuple):
 
 class ObdSampler:
     name = "obd"
+    expected_errors = (ObdError,)
 
     def __init__(
         self,

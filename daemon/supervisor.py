@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 
 class Component(Protocol):
     name: str
+    # Optional: exception types that are part of the component's normal life (a device unplugged, a server
+    # gone); they are logged as one warning line instead of an error with a traceback.
+    # expected_errors: tuple[type[Exception], ...]
 
     async def run(self) -> None:
         """Do the work until cancelled. Clean up on CancelledError; raise on failure."""
@@ -120,8 +123,12 @@ class Supervisor:
                 raise
             except Exception as exc:
                 error = f"{type(exc).__name__}: {exc}"
-                log.error(
-                    "component failed", exc_info=True, extra={"component": component.name, "error": error}
+                expected = isinstance(exc, getattr(component, "expected_errors", ()))
+                log.log(
+                    logging.WARNING if expected else logging.ERROR,
+                    "component failed",
+                    exc_info=not expected,
+                    extra={"component": component.name, "error": error},
                 )
             if time.monotonic() - started >= self._stable_after_s:
                 backoff.reset()
