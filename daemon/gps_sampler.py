@@ -61,6 +61,7 @@ class GpsSampler:
                         self._on_fix(report)
                     elif isinstance(report, GpsSky):
                         self._on_sky(report)
+                    await self._sink.wait_for_room()
         finally:
             self.connected_since = None
 

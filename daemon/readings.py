@@ -62,6 +62,7 @@ class ReadingSink:
         self._max_pending = max_pending
         self._pending: list[NewRecord] = []
         self._full = asyncio.Event()
+        self._room = asyncio.Event()
         self.latest: dict[str, Latest] = {}
         self.taken = 0
         self.committed = 0
@@ -91,6 +92,7 @@ class ReadingSink:
         """Commit every pending reading now; returns how many."""
         batch, self._pending = self._pending, []
         self._full.clear()
+        self._room.set()
         if not batch:
             return 0
         try:
@@ -106,6 +108,14 @@ class ReadingSink:
             raise
         self.committed += len(batch)
         return len(batch)
+
+    async def wait_for_room(self) -> None:
+        """Backpressure for producers: wait while a full batch is pending and the previous one is still being
+        committed, so readings in memory stay below two batches whatever the store's speed."""
+        while len(self._pending) >= self._max_pending:
+            self._room.clear()
+            self._full.set()
+            await self._room.wait()
 
     async def run(self) -> None:
         try:

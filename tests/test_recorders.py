@@ -236,3 +236,24 @@ def test_fast_payload_encoding_equals_json(value):
     assert payload == json.dumps(
         {"signal": "rpm", "value": value, "unit": unit}, separators=(",", ":"), ensure_ascii=False
     )
+
+
+def test_backpressure_keeps_readings_in_memory_bounded(tmp_path):
+    """Guards against a fast producer piling readings up in memory while the store commits."""
+
+    async def body(p: Parts):
+        sink = ReadingSink(p.outbox, p.clock, flush_interval_s=60, max_pending=50)
+        task = asyncio.create_task(sink.run())
+        most = 0
+        for i in range(3000):
+            sink.add("rpm", float(i))
+            most = max(most, sink.snapshot()["pending"])
+            await sink.wait_for_room()
+        await sink.flush()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return most, sink.committed, len(await p.outbox.next_batch(5000))
+
+    most, committed, stored = run(tmp_path / "s.db", body)
+    assert most <= 50
+    assert committed == stored == 3000

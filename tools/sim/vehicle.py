@@ -29,7 +29,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import nmea_route  # a sibling script, not a package
 
 # A loop around a block in Berlin-Mitte, about 1.3 km.
-BLOCK = ((52.52000, 13.40500), (52.52250, 13.40900), (52.52050, 13.41350), (52.51800, 13.40950), (52.52000, 13.40500))
+BLOCK = (
+    (52.52000, 13.40500),
+    (52.52250, 13.40900),
+    (52.52050, 13.41350),
+    (52.51800, 13.40950),
+    (52.52000, 13.40500),
+)
 SENTENCES_PER_EPOCH = 5  # GGA, RMC, GSA and two GSV (8 satellites in view)
 
 
@@ -60,7 +66,9 @@ def start_emulator(link: Path) -> subprocess.Popen[str]:
 
 
 def start_gpsfake(port: int, folder: Path) -> subprocess.Popen[bytes]:
-    route = nmea_route.build_route(BLOCK, 30.0, start=datetime.now(UTC), stop_start_s=5, stop_end_s=20, sats_visible=8)
+    route = nmea_route.build_route(
+        BLOCK, 30.0, start=datetime.now(UTC), stop_start_s=5, stop_end_s=20, sats_visible=8
+    )
     path = route.write(folder / "block.nmea")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env["TMPDIR"] = str(folder)
@@ -87,9 +95,13 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--obd-link", type=Path, required=True, help="symlink to keep pointing at the emulator's pty")
+    parser.add_argument(
+        "--obd-link", type=Path, required=True, help="symlink to keep pointing at the emulator's pty"
+    )
     parser.add_argument("--gps-port", type=int, default=29470, help="port gpsd listens on (default 29470)")
-    parser.add_argument("--engine-cycle", type=float, default=0, help="seconds between engine on/off (0: never off)")
+    parser.add_argument(
+        "--engine-cycle", type=float, default=0, help="seconds between engine on/off (0: never off)"
+    )
     args = parser.parse_args()
 
     stop = threading.Event()
@@ -103,8 +115,14 @@ def main() -> int:
             gps = start_gpsfake(args.gps_port, folder)
             wait_port(args.gps_port)
         else:
-            print("vehicle: gpsfake not installed (apt-get install gpsd gpsd-clients): no GPS", file=sys.stderr)
-        print(f"vehicle: OBD-II at {args.obd_link}, gpsd at 127.0.0.1:{args.gps_port}", file=sys.stderr, flush=True)
+            print(
+                "vehicle: gpsfake not installed (apt-get install gpsd gpsd-clients): no GPS", file=sys.stderr
+            )
+        print(
+            f"vehicle: OBD-II at {args.obd_link}, gpsd at 127.0.0.1:{args.gps_port}",
+            file=sys.stderr,
+            flush=True,
+        )
         engine_on = True
         while not stop.wait(args.engine_cycle or 3600):
             if args.engine_cycle and emulator.stdin is not None:
