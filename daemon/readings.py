@@ -63,6 +63,7 @@ class ReadingSink:
         self._pending: list[NewRecord] = []
         self._full = asyncio.Event()
         self._room = asyncio.Event()
+        self._flushing = asyncio.Lock()
         self.latest: dict[str, Latest] = {}
         self.taken = 0
         self.committed = 0
@@ -89,12 +90,17 @@ class ReadingSink:
             self._full.set()
 
     async def flush(self) -> int:
-        """Commit every pending reading now; returns how many."""
-        batch, self._pending = self._pending, []
-        self._full.clear()
-        self._room.set()
-        if not batch:
-            return 0
+        """Commit every reading taken so far (waiting for a flush already under way); returns how many."""
+        async with self._flushing:
+            batch, self._pending = self._pending, []
+            self._full.clear()
+            self._room.set()
+            if batch:
+                # Shielded: a caller cancelled mid-commit (shutdown) must not lose count of a committed batch.
+                await asyncio.shield(self._commit(batch))
+            return len(batch)
+
+    async def _commit(self, batch: list[NewRecord]) -> None:
         try:
             await self._outbox.append(batch)
         except Exception:
@@ -107,7 +113,6 @@ class ReadingSink:
                 log.error("store failing: oldest uncommitted readings dropped", extra={"dropped": overflow})
             raise
         self.committed += len(batch)
-        return len(batch)
 
     async def wait_for_room(self) -> None:
         """Backpressure for producers: wait while a full batch is pending and the previous one is still being
