@@ -270,6 +270,72 @@ class TripsConfig(Section):
     )
 
 
+class MqttTlsConfig(Section):
+    ca_file: ResolvedPath = Field(
+        Path("/etc/fleetgate/ca.crt"), description="CA certificate(s) the broker's must chain to."
+    )
+    cert_file: ResolvedPath = Field(
+        Path("/etc/fleetgate/device.crt"),
+        description="This device's client certificate (PEM); its CN is the device id.",
+    )
+    key_file: SecretFile | None = Field(
+        None, description="The client certificate's private key (PEM, mode 0600). Required when TLS is on."
+    )
+
+
+class MqttConfig(Section):
+    enabled: bool = Field(False, description="Forward the outbox to an MQTT broker.")
+    host: str = Field("localhost", min_length=1, description="Broker host name or address.")
+    port: int = Field(8883, ge=1, le=65535, description="Broker port (8883: MQTT over TLS).")
+    tls: bool = Field(
+        True,
+        description="TLS with a client certificate. Plain TCP (false) is for development on loopback only.",
+    )
+    tls_files: MqttTlsConfig = MqttTlsConfig()
+    topic_root: str = Field(
+        "fleetgate/v1",
+        pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
+        description="Versioned prefix of every topic; the device id follows it (docs/mqtt.md).",
+    )
+    keepalive_s: int = Field(
+        30, ge=5, le=600, description="MQTT keepalive: a dead link is noticed within about 1.5 times this."
+    )
+    connect_timeout_s: float = Field(10.0, gt=0, le=120, description="How long connecting may take.")
+    publish_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        le=600,
+        description="A message not acknowledged (PUBACK) within this is treated as a dead link.",
+    )
+    max_inflight: int = Field(
+        16, ge=1, le=1000, description="Messages published and not yet acknowledged, at most (QoS 1)."
+    )
+    max_message_bytes: int = Field(
+        128 * 1024,
+        ge=1024,
+        le=16 * 1024 * 1024,
+        description="Largest message payload before compression (bytes).",
+    )
+    compress_min_bytes: int = Field(
+        512, ge=0, description="Messages at least this big are zlib-compressed (declared in the message)."
+    )
+    live_share: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="Share of messages that carry the newest telemetry while a backlog drains, so live data "
+        "overtakes the backlog.",
+    )
+
+    @model_validator(mode="after")
+    def _tls_needs_a_key(self) -> MqttConfig:
+        if self.enabled and self.tls and self.tls_files.key_file is None:
+            raise ValueError(
+                "tls_files.key_file is required when TLS is on (or set tls = false for development)"
+            )
+        return self
+
+
 class TimeConfig(Section):
     trust_ntp: bool = Field(
         True, description="Trust the system clock once the kernel reports NTP synchronisation."
@@ -299,6 +365,7 @@ class Config(Section):
     gps: GpsConfig = GpsConfig()
     trips: TripsConfig = TripsConfig()
     time: TimeConfig = TimeConfig()
+    mqtt: MqttConfig = MqttConfig()
 
 
 def _type_name(annotation: object) -> str:

@@ -123,6 +123,24 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
 
         gps_view = GpsSampler(config.gps, clock, sink, trips)
         components.append(gps_view)
+    if config.mqtt.enabled:
+        from fleetgate.sync.drain import Drain
+        from fleetgate.sync.mqtt_link import Uplink
+        from fleetgate.sync.topics import Topics
+
+        mq = config.mqtt
+        drain = Drain(
+            outbox,
+            config.device.id,
+            mq.max_inflight,
+            mq.max_message_bytes,
+            mq.compress_min_bytes,
+            mq.live_share,
+        )
+        status.uplink = Uplink(mq, Topics(mq.topic_root, config.device.id), drain, lambda: _health(status))
+        components.append(status.uplink)
+        control.register("sync", lambda args: _answer(_sync_now(drain)))
+    control.register("queue", lambda args: _queue(outbox))
     control.register("obd", lambda args: _answer(obd_view.snapshot() if obd_view else {"enabled": False}))
     control.register(
         "gps",
@@ -165,3 +183,32 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
 
 async def _answer(result: Any) -> Any:
     return result
+
+
+def _sync_now(drain: Any) -> dict[str, bool]:
+    drain.wake.set()
+    return {"woken": True}
+
+
+async def _queue(outbox: Outbox) -> dict[str, Any]:
+    return {
+        "streams": [
+            {"stream": d.stream, "depth": d.depth, "last_seq": d.last_seq, "oldest_wall_ns": d.oldest_wall_ns}
+            for d in await outbox.depth()
+        ]
+    }
+
+
+async def _health(status: StatusSource) -> dict[str, Any]:
+    """The retained health message's body (besides "online")."""
+    snap = await status.snapshot()
+    return {
+        "version": snap["version"],
+        "uptime_s": snap["uptime_s"],
+        "time_trusted": snap["time"]["trusted"],
+        "components": {c["name"]: c["state"] for c in snap["components"]},
+        "backlog": {s["stream"]: s["depth"] for s in snap["outbox"]["streams"]},
+        "last_publish": snap["uplink"].get("last_publish"),
+        "drain_rate_per_s": snap["uplink"].get("drain_rate_per_s"),
+        "eta_s": snap["uplink"].get("eta_s"),
+    }

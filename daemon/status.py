@@ -21,6 +21,7 @@ class StatusSource:
     database: Database
     outbox: Outbox
     started_mono: float
+    uplink: Any = None  # fleetgate.sync.mqtt_link.Uplink when MQTT is enabled
 
     async def snapshot(self) -> dict[str, Any]:
         trust = self.clock.trust
@@ -46,6 +47,7 @@ class StatusSource:
                     for d in depth
                 ],
             },
+            "uplink": self._uplink(sum(d.depth for d in depth)),
             "store": {
                 "path": str(self.database.path),
                 "schema_version": self.database.schema_version,
@@ -66,3 +68,11 @@ class StatusSource:
             "trusted (" + self.clock.trust.source + ")" if self.clock.trust.trusted else "untrusted"
         )
         return line
+
+    def _uplink(self, backlog: int) -> dict[str, Any]:
+        if self.uplink is None:
+            return {"enabled": False, "online": False}
+        view = self.uplink.snapshot()
+        rate = view["drain_rate_per_s"]
+        view["eta_s"] = round(backlog / rate, 1) if rate > 0 and backlog else (0.0 if not backlog else None)
+        return view

@@ -13,9 +13,13 @@ Notes (mosquitto 2.0.11, Debian 12):
 - Persistence is only written at autosave time or on a clean shutdown, never per message: a SIGKILL loses
   what changed since the last save, just as a real crash would. `autosave_interval` defaults here to 1 s;
   `flush_persistence()` makes the broker save now (SIGUSR1) and waits for the file, for deterministic tests.
-- TLS version is left at mosquitto's default (TLS 1.2 and 1.3 accepted, 1.3 negotiated with Python's
-  OpenSSL 3): that is what a production broker does, and the way a refused client certificate shows up on
-  the client differs between 1.2 and 1.3. Pass `tls_version="tlsv1.2"` to pin it.
+- `tls_version` is left unset: mosquitto then accepts TLS 1.2 and 1.3, and 1.3 is negotiated, as with a
+  production broker. In 2.0.11 `tls_version` is only a MINIMUM (`tls_version tlsv1.2` still negotiates
+  1.3). Under TLS 1.3 a refused client certificate is reported after the client's handshake has finished,
+  so aiomqtt only logs it (logger `mqtt`) and raises "Operation timed out" after its `timeout`; a client
+  that caps itself at TLS 1.2 (`ctx.maximum_version = ssl.TLSVersion.TLSv1_2`) gets the alert at once.
+- The readiness probe (a bare TCP connect) leaves one harmless line in a TLS broker's log:
+  "Client connection from 127.0.0.1 failed: ... unexpected eof while reading".
 """
 
 from __future__ import annotations
@@ -63,7 +67,8 @@ class TlsFiles:
 
     def client_context(self, *, cert: str | None = "client", trust: str = "ca") -> ssl.SSLContext:
         """An SSLContext for a client: `cert` is "client", "rogue" or None; `trust` is "ca" or "rogue"."""
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(getattr(self, trust)))
+        cafile = {"ca": self.ca, "rogue": self.rogue_ca}[trust]
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cafile))
         if cert is not None:
             ctx.load_cert_chain(str(getattr(self, f"{cert}_cert")), str(getattr(self, f"{cert}_key")))
         return ctx
@@ -141,7 +146,6 @@ class Mosquitto:
         extra_conf: str = "",
         *,
         autosave_interval: int = 1,
-        tls_version: str | None = None,
         log_types: tuple[str, ...] = ("error", "warning", "notice", "information"),
     ) -> None:
         self._fixed_port = port is not None
@@ -150,7 +154,6 @@ class Mosquitto:
         self.require_certificate = require_certificate
         self.extra_conf = extra_conf
         self.autosave_interval = autosave_interval
-        self.tls_version = tls_version
         self.log_types = log_types
         self.tmp = Path(tempfile.mkdtemp(prefix="fleetgate-mosquitto-"))
         self.persistence_dir = Path(persistence_dir) if persistence_dir is not None else self.tmp / "db"
@@ -200,8 +203,6 @@ class Mosquitto:
             ]
             if self.require_certificate:
                 lines += ["require_certificate true", "use_identity_as_username true"]
-            if self.tls_version:
-                lines.append(f"tls_version {self.tls_version}")
         if self.extra_conf:
             lines.append(self.extra_conf)  # after `listener`: listener options here apply to it
         return "\n".join(lines) + "\n"

@@ -128,6 +128,7 @@ class Outbox:
         self._flusher: asyncio.Task[None] | None = None
         self.commits = 0
         self.records_committed = 0
+        self.appended = asyncio.Event()  # set after every commit that added records (the drain waits on it)
 
     async def append(
         self, records: Sequence[NewRecord], state: dict[str, Any] | None = None
@@ -176,6 +177,8 @@ class Outbox:
                 continue
             self.commits += 1
             self.records_committed += len(flat)
+            if flat:
+                self.appended.set()
             start = 0
             for item in group:
                 if not item.future.done():
@@ -190,6 +193,20 @@ class Outbox:
     async def next_batch(self, limit: int) -> list[StoredRecord]:
         """The next ``limit`` records by priority (most urgent first), then by age."""
         return await self._db.run(_next_batch, limit)
+
+    async def batch_after(self, priority: int, after_id: int, limit: int) -> list[StoredRecord]:
+        """The next ``limit`` records in drain order (priority, then age) after position (priority, after_id)."""
+        return await self._db.run(_select, "WHERE (o.priority, o.id) > (?, ?) ORDER BY o.priority, o.id LIMIT ?",
+                                  (priority, after_id, limit))  # fmt: skip
+
+    async def newest_after(self, after_id: int, limit: int) -> list[StoredRecord]:
+        """Records appended after row ``after_id``, oldest first: the live edge while a backlog drains."""
+        return await self._db.run(_select, "WHERE o.id > ? ORDER BY o.id LIMIT ?", (after_id, limit))
+
+    async def last_id(self) -> int:
+        return await self._db.run(
+            lambda conn: int(conn.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0])
+        )
 
     async def acknowledge(self, ids: Sequence[int]) -> int:
         """Delete acknowledged records; returns how many were still present."""
@@ -208,13 +225,18 @@ class Outbox:
 
 
 def _next_batch(conn: sqlite3.Connection, limit: int) -> list[StoredRecord]:
-    rows = conn.execute(
-        "SELECT o.id, s.name, o.seq, o.priority, o.wall_ns, o.mono_ns, b.boot_id, o.time_trusted,"
-        " o.time_corrected, o.payload"
-        " FROM outbox o JOIN streams s ON s.id = o.stream_id JOIN boots b ON b.id = o.boot"
-        " ORDER BY o.priority, o.id LIMIT ?",
-        (limit,),
-    ).fetchall()
+    return _select(conn, "ORDER BY o.priority, o.id LIMIT ?", (limit,))
+
+
+SELECT_RECORDS = (
+    "SELECT o.id, s.name, o.seq, o.priority, o.wall_ns, o.mono_ns, b.boot_id, o.time_trusted, o.time_corrected,"
+    " o.payload FROM outbox o JOIN streams s ON s.id = o.stream_id JOIN boots b ON b.id = o.boot "
+)
+
+
+def _select(conn: sqlite3.Connection, tail: str, params: tuple[Any, ...]) -> list[StoredRecord]:
+    """``tail`` is one of this module's constant clauses; values only ever travel as parameters."""
+    rows = conn.execute(SELECT_RECORDS + tail, params).fetchall()
     return [
         StoredRecord(
             id_, stream, seq, Priority(prio), wall, mono, boot, bool(trusted), bool(fixed), bytes(payload)

@@ -1,0 +1,186 @@
+"""The MQTT link: one aiomqtt (MQTT 5) connection to the broker, TLS with a client certificate, a retained
+health message with a Last Will, and the outbox drain running over it.
+
+The supervisor runs ``Uplink.run``; it connects, announces the device online (retained), drains until the
+link fails, and raises. The supervisor restarts it with backoff and jitter. The keepalive makes a dead link
+(a silent cellular modem) show within about 1.5 keepalive periods; a publish not acknowledged within
+``publish_timeout_s`` counts as a dead link too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+import time
+from typing import Any
+
+import aiomqtt
+import paho.mqtt.client as paho
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from fleetgate.config.schema import MqttConfig
+from fleetgate.sync.drain import Drain
+from fleetgate.sync.envelope import CONTENT_TYPE, Message
+from fleetgate.sync.topics import Topics
+
+log = logging.getLogger(__name__)
+
+HEALTH_INTERVAL_S = 30.0
+
+
+class PublishRejected(aiomqtt.MqttError):
+    """The broker answered PUBACK with a failure reason code (MQTT 5): the message was not accepted."""
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, made to honour PUBACK reason codes.
+
+    aiomqtt 2.x completes ``publish`` on any PUBACK, even "not authorized" (0x87) or "quota exceeded" (0x97):
+    the records would then be deleted as delivered. This subclass keeps the reason code per message id and
+    raises PublishRejected for a failure. It overrides aiomqtt internals; pinned to aiomqtt < 3.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._reasons: dict[int, ReasonCode] = {}
+
+    def _on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Any
+    ) -> None:
+        self._reasons[mid] = reason_code
+        super()._on_publish(client, userdata, mid, reason_code, properties)
+
+    async def publish_checked(
+        self, topic: str, payload: bytes, properties: Properties, ack_timeout_s: float
+    ) -> None:
+        info = self._client.publish(topic, payload, 1, False, properties)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
+        if not info.is_published():
+            confirmation = asyncio.Event()
+            with self._pending_call(info.mid, confirmation, self._pending_publishes):
+                await self._wait_for(confirmation.wait(), timeout=ack_timeout_s)
+        reason = self._reasons.pop(info.mid, None)
+        if reason is not None and reason.is_failure:
+            raise PublishRejected(f"broker refused the message on {topic}: {reason}")
+
+
+async def _until_disconnected(client: aiomqtt.Client) -> None:
+    async for _ in client.messages:  # nothing is subscribed yet; this returns only by raising on disconnect
+        pass
+
+
+def tls_context(config: MqttConfig) -> ssl.SSLContext:
+    files = config.tls_files
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(files.ca_file))
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    assert files.key_file is not None  # the schema requires it with TLS on
+    context.load_cert_chain(str(files.cert_file), str(files.key_file))
+    return context
+
+
+def _properties(message: Message) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = CONTENT_TYPE
+    props.PayloadFormatIndicator = 0 if message.compressed else 1
+    if message.compressed:
+        props.UserProperty = [("content-encoding", "zlib")]
+    return props
+
+
+class Uplink:
+    name = "uplink"
+    expected_errors = (aiomqtt.MqttError, OSError)
+
+    def __init__(self, config: MqttConfig, topics: Topics, drain: Drain, health: Any) -> None:
+        self._config = config
+        self._topics = topics
+        self._drain = drain
+        self._health = health  # async () -> dict: the status to publish in the health message
+        self.online = False
+        self.connected_since: float | None = None
+        self.last_error: str | None = None
+
+    def _client(self) -> _Client:
+        cfg = self._config
+        will = aiomqtt.Will(self._topics.health, json.dumps({"online": False}), qos=1, retain=True)
+        return _Client(
+            cfg.host,
+            cfg.port,
+            identifier=self._topics.device,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            keepalive=cfg.keepalive_s,
+            will=will,
+            tls_context=tls_context(cfg) if cfg.tls else None,
+            timeout=cfg.connect_timeout_s,
+            max_inflight_messages=cfg.max_inflight,
+            max_queued_outgoing_messages=0,  # unlimited in paho: the drain's window bounds it
+        )
+
+    async def run(self) -> None:
+        cfg = self._config
+        try:
+            async with self._client() as client:
+                self.online = True
+                self.connected_since = time.time()
+                log.info("MQTT connected", extra={"broker": f"{cfg.host}:{cfg.port}", "tls": cfg.tls})
+                await self._publish_health(client)
+                drain = asyncio.create_task(
+                    self._drain.run(
+                        lambda m: client.publish_checked(
+                            self._topics.uplink(m.stream), m.payload, _properties(m), cfg.publish_timeout_s
+                        )
+                    ),
+                    name="mqtt-drain",
+                )
+                # aiomqtt leaves a publish in flight waiting for its timeout when the connection drops; the
+                # message iterator, though, ends at once on a disconnect: it is the link's pulse.
+                tasks = [drain, asyncio.create_task(self._keep_health(client), name="mqtt-health"),
+                         asyncio.create_task(_until_disconnected(client), name="mqtt-watch")]  # fmt: skip
+                try:
+                    done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        task.result()  # raises the failure that ended the link
+                    raise aiomqtt.MqttError("link ended")
+                finally:
+                    for task in tasks:
+                        task.cancel()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+        except aiomqtt.MqttError as exc:
+            self.last_error = str(exc)
+            raise
+        finally:
+            self.online = False
+            self.connected_since = None
+
+    async def _publish_health(self, client: _Client) -> None:
+        body = {"online": True, **await self._health()}
+        props = Properties(PacketTypes.PUBLISH)
+        props.ContentType = CONTENT_TYPE
+        await client.publish(
+            self._topics.health, json.dumps(body, default=str), qos=1, retain=True, properties=props
+        )
+
+    async def _keep_health(self, client: _Client) -> None:
+        while True:
+            await asyncio.sleep(HEALTH_INTERVAL_S)
+            await self._publish_health(client)
+
+    def snapshot(self) -> dict[str, Any]:
+        stats = self._drain.stats
+        return {
+            "enabled": True,
+            "broker": f"{self._config.host}:{self._config.port}",
+            "tls": self._config.tls,
+            "online": self.online,
+            "connected_since": self.connected_since,
+            "last_publish": stats.last_publish_wall,
+            "messages": stats.messages,
+            "records_sent": stats.records,
+            "drain_rate_per_s": round(stats.rate_per_s, 1),
+            "last_error": self.last_error,
+        }
