@@ -91,6 +91,23 @@ class StoreConfig(Section):
     max_batch: int = Field(
         5000, ge=1, le=100_000, description="Most records written in one group commit (one transaction)."
     )
+    quota_mb: dict[str, float] = Field(
+        default_factory=lambda: {"telemetry": 256.0, "heartbeat": 8.0, "events": 64.0},
+        description="Disk quota per stream (MiB). Over it, the stream's oldest telemetry records are evicted "
+        "(counted, reported by a `telemetry-evicted` event); events, session and audit records never are, and "
+        "a stream they alone keep over quota raises an alert in status and health. Unlisted streams: no quota.",
+    )
+
+    @model_validator(mode="after")
+    def _quotas_positive(self) -> StoreConfig:
+        bad = [name for name, mb in self.quota_mb.items() if not mb > 0]
+        if bad:
+            raise ValueError(f"quota_mb must be > 0: {', '.join(bad)}")
+        return self
+
+    @property
+    def quota_bytes(self) -> dict[str, int]:
+        return {name: int(mb * 1024 * 1024) for name, mb in self.quota_mb.items()}
 
     @property
     def db_path(self) -> Path:

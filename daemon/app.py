@@ -20,8 +20,9 @@ from fleetgate.daemon.dtc import DtcTracker
 from fleetgate.daemon.events import Events
 from fleetgate.daemon.heartbeat import Heartbeat
 from fleetgate.daemon.notify import Notifier
+from fleetgate.daemon.quota_watch import QuotaWatch
 from fleetgate.daemon.readings import ReadingSink
-from fleetgate.daemon.status import StatusSource
+from fleetgate.daemon.status import StatusSource, stream_rows
 from fleetgate.daemon.supervisor import Component, Supervisor
 from fleetgate.daemon.trip_recorder import TripRecorder
 from fleetgate.sync.store import Database, Outbox, StateStore, StoreError
@@ -78,7 +79,9 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
     boot_id = read_boot_id()
     tc = config.time
     clock = Clock(tc.gps_confirmations, tc.gps_max_spread_s, trust_gps=tc.trust_gps)
-    outbox = Outbox(database, boot_id=boot_id, max_batch=config.store.max_batch)
+    outbox = Outbox(
+        database, boot_id=boot_id, max_batch=config.store.max_batch, quotas=config.store.quota_bytes
+    )
     state = StateStore(database)
     events = Events(outbox, clock)
     sink = ReadingSink(outbox, clock)
@@ -99,6 +102,7 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
         sink,
         trips,
         Heartbeat(outbox, clock, status, config.heartbeat.interval_s),
+        QuotaWatch(outbox, events),
     ]
     if tc.trust_ntp:
         components.append(NtpWatch(clock))
@@ -191,12 +195,7 @@ def _sync_now(drain: Any) -> dict[str, bool]:
 
 
 async def _queue(outbox: Outbox) -> dict[str, Any]:
-    return {
-        "streams": [
-            {"stream": d.stream, "depth": d.depth, "last_seq": d.last_seq, "oldest_wall_ns": d.oldest_wall_ns}
-            for d in await outbox.depth()
-        ]
-    }
+    return {"streams": stream_rows(await outbox.depth(), outbox.quotas)}
 
 
 async def _health(status: StatusSource) -> dict[str, Any]:
@@ -208,6 +207,7 @@ async def _health(status: StatusSource) -> dict[str, Any]:
         "time_trusted": snap["time"]["trusted"],
         "components": {c["name"]: c["state"] for c in snap["components"]},
         "backlog": {s["stream"]: s["depth"] for s in snap["outbox"]["streams"]},
+        "alerts": snap["alerts"],
         "last_publish": snap["uplink"].get("last_publish"),
         "drain_rate_per_s": snap["uplink"].get("drain_rate_per_s"),
         "eta_s": snap["uplink"].get("eta_s"),

@@ -11,6 +11,7 @@ from fleetgate.config import Config
 from fleetgate.daemon.clock import Clock
 from fleetgate.daemon.supervisor import State, Supervisor
 from fleetgate.sync.store import Database, Outbox
+from fleetgate.sync.store.outbox import StreamDepth
 
 
 @dataclass
@@ -26,6 +27,7 @@ class StatusSource:
     async def snapshot(self) -> dict[str, Any]:
         trust = self.clock.trust
         depth = await self.outbox.depth()
+        streams = stream_rows(depth, self.outbox.quotas)
         recovery = self.database.recovery
         return {
             "version": __version__,
@@ -37,16 +39,14 @@ class StatusSource:
                 "total": sum(d.depth for d in depth),
                 "commits": self.outbox.commits,
                 "records_committed": self.outbox.records_committed,
-                "streams": [
-                    {
-                        "stream": d.stream,
-                        "depth": d.depth,
-                        "last_seq": d.last_seq,
-                        "oldest_wall_ns": d.oldest_wall_ns,
-                    }
-                    for d in depth
-                ],
+                "streams": streams,
             },
+            "alerts": [
+                f"{s['stream']} holds {s['bytes'] / 2**20:.1f} MiB, over its quota of "
+                f"{s['quota_bytes'] / 2**20:.1f} MiB, in records that are never evicted"
+                for s in streams
+                if s["over_quota"]
+            ],
             "uplink": self._uplink(sum(d.depth for d in depth)),
             "store": {
                 "path": str(self.database.path),
@@ -76,3 +76,20 @@ class StatusSource:
         rate = view["drain_rate_per_s"]
         view["eta_s"] = round(backlog / rate, 1) if rate > 0 and backlog else (0.0 if not backlog else None)
         return view
+
+
+def stream_rows(depth: list[StreamDepth], quotas: dict[str, int]) -> list[dict[str, Any]]:
+    return [
+        {
+            "stream": d.stream,
+            "depth": d.depth,
+            "last_seq": d.last_seq,
+            "oldest_wall_ns": d.oldest_wall_ns,
+            "bytes": d.bytes,
+            "quota_bytes": quotas.get(d.stream),
+            "evicted": d.evicted,
+            # Eviction runs with every append, so a stream still over quota holds only what may not be evicted.
+            "over_quota": d.stream in quotas and d.bytes > quotas[d.stream],
+        }
+        for d in depth
+    ]

@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
         view = sub.add_parser(name, help=f"{what} (from the running daemon)")
         view.add_argument("--json", action="store_true", help="print the raw JSON reply")
 
+    q = sub.add_parser("queue", help="outbox per stream: depth, size, quota, oldest record, evictions")
+    q.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    sync = sub.add_parser("sync", help="uplink actions")
+    sync_sub = sync.add_subparsers(dest="sync_command", required=True, metavar="ACTION")
+    sync_sub.add_parser("now", help="wake the drain at once instead of at its next poll")
+
     sub.add_parser("signals", help="the signal catalogue: names, units, sources, REEF/Vinli names (Markdown)")
 
     cfg = sub.add_parser("config", help="check a configuration file or show the schema")
@@ -120,6 +126,18 @@ def _view(cmd: str, human: Callable[[dict[str, Any]], str]) -> Callable[[argpars
     return show
 
 
+def _sync(args: argparse.Namespace) -> int:
+    try:
+        _ask(args, "sync")
+    except ControlError as exc:
+        if exc.code == "unknown-command":
+            print("fleetgate: the uplink is disabled ([mqtt] enabled = false)", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
+    print("drain woken")
+    return 0
+
+
 def _cmd_signals(args: argparse.Namespace) -> int:
     from fleetgate.daemon.signals import signals_markdown
 
@@ -147,6 +165,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "status": _view("status", render.status),
     "obd": _view("obd", render.obd),
     "gps": _view("gps", render.gps),
+    "queue": _view("queue", render.queue),
+    "sync": lambda args: _sync(args),
     "signals": _cmd_signals,
     "config": _cmd_config,
 }

@@ -65,6 +65,22 @@ def status(s: dict[str, Any]) -> str:
                 ],
             )
         )
+    up = s.get("uplink", {})
+    if up.get("enabled"):
+        transport = "TLS" if up["tls"] else "plain TCP"
+        line = f"uplink: {'ONLINE' if up['online'] else 'OFFLINE'} {up['broker']} ({transport})"
+        if up.get("last_publish"):
+            line += f"  last publish {duration(time.time() - up['last_publish'])} ago"
+        line += f"  drain {up['drain_rate_per_s']:g} records/s"
+        if up.get("eta_s") is not None and s["outbox"]["total"]:
+            line += f"  empty in ~{duration(up['eta_s'])}"
+        out.append(line)
+        if not up["online"] and up.get("last_error"):
+            out.append(f"  last error: {up['last_error']}")
+    else:
+        out.append("uplink: disabled ([mqtt] enabled = false)")
+    for alert in s.get("alerts", []):
+        out.append(f"ALERT: {alert}")
     store = s["store"]
     out.append(f"store: {store['path']} (schema v{store['schema_version']})")
     if store["recovered"]:
@@ -152,3 +168,25 @@ def gps(s: dict[str, Any]) -> str:
     if s["counters"]:
         out.append("counters: " + "  ".join(f"{k}={v}" for k, v in sorted(s["counters"].items())))
     return "\n".join(out)
+
+
+def queue(q: dict[str, Any]) -> str:
+    now_ns = time.time_ns()
+    rows = []
+    for st in q["streams"]:
+        quota = "-" if st["quota_bytes"] is None else f"{st['quota_bytes'] / 2**20:.0f} MiB"
+        oldest = (
+            "-" if st["oldest_wall_ns"] is None else duration((now_ns - st["oldest_wall_ns"]) / 1e9) + " ago"
+        )
+        flag = "  OVER QUOTA" if st["over_quota"] else ""
+        rows.append(
+            [
+                st["stream"],
+                str(st["depth"]),
+                f"{st['bytes'] / 2**20:.2f} MiB",
+                quota,
+                oldest,
+                str(st["evicted"]) + flag,
+            ]
+        )
+    return "outbox:\n" + table(["STREAM", "DEPTH", "SIZE", "QUOTA", "OLDEST", "EVICTED"], rows)

@@ -41,6 +41,13 @@ MIGRATIONS: list[list[str]] = [
     ],
     # 2: wall times fixed up after the fact, once trust in the clock arrived later in the same boot.
     ["ALTER TABLE outbox ADD COLUMN time_corrected INTEGER NOT NULL DEFAULT 0"],
+    # 3: bytes held and records evicted per stream, for disk quotas.
+    [
+        "ALTER TABLE streams ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE streams ADD COLUMN evicted INTEGER NOT NULL DEFAULT 0",
+        "UPDATE streams SET bytes = (SELECT coalesce(sum(length(payload) + 64), 0) FROM outbox"
+        " WHERE outbox.stream_id = streams.id)",
+    ],
 ]
 
 

@@ -35,6 +35,8 @@ class StreamDepth:
     depth: int
     last_seq: int
     oldest_wall_ns: int | None
+    bytes: int = 0
+    evicted: int = 0
 
 
 INSERT = "INSERT INTO outbox(stream_id, seq, priority, wall_ns, mono_ns, boot, time_trusted, payload) VALUES "
@@ -64,11 +66,27 @@ class _Pending:
     future: asyncio.Future[list[Appended]]
 
 
+ROW_OVERHEAD = 64  # bytes a row costs beyond its payload (integers, index entries), for quota accounting
+EVICT_CHUNK = 1000
+
+
+@dataclass
+class Eviction:
+    """Telemetry records of one stream deleted unsent to keep it under its quota."""
+
+    records: int = 0
+    bytes: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+
+
 class _Writer:
     """Store-thread state: stream ids and sequences cached after the first commit that touches them."""
 
-    def __init__(self, boot_id: str) -> None:
+    def __init__(self, boot_id: str, quotas: dict[str, int] | None = None) -> None:
         self.boot_id = boot_id
+        self.quotas = quotas or {}  # stream -> bytes
+        self.evictions: dict[str, Eviction] = {}  # since last taken by the daemon
         self.boot_row: int | None = None
         self.streams: dict[str, tuple[int, int]] = {}  # name -> (id, last committed seq)
 
@@ -92,37 +110,92 @@ class _Writer:
     ) -> list[Appended]:
         # Sequences are taken in a local copy and published to the cache only after COMMIT succeeds,
         # so a failed transaction never burns or reuses a sequence number.
-        def body(conn: sqlite3.Connection) -> tuple[int, dict[str, tuple[int, int]], list[Appended]]:
+        def body(
+            conn: sqlite3.Connection,
+        ) -> tuple[int, dict[str, tuple[int, int]], list[Appended], dict[str, Eviction]]:
             boot = self._boot(conn)
             seqs: dict[str, tuple[int, int]] = {}
             rows = []
             appended = []
             add_row, add_appended = rows.append, appended.append
+            sizes: dict[int, int] = {}
             for stream, priority, stamp, payload in records:
                 stream_id, seq = seqs.get(stream) or self._stream(conn, stream)
                 seq += 1
                 seqs[stream] = (stream_id, seq)
+                sizes[stream_id] = sizes.get(stream_id, 0) + len(payload) + ROW_OVERHEAD
                 wall_ns, mono_ns, trusted = stamp
                 add_row((stream_id, seq, priority, wall_ns, mono_ns, boot, trusted, payload))
                 add_appended(Appended(stream, seq))
             insert_rows(conn, rows)
             conn.executemany(
-                "UPDATE streams SET last_seq = ? WHERE id = ?", [(seq, sid) for sid, seq in seqs.values()]
+                "UPDATE streams SET last_seq = ?, bytes = bytes + ? WHERE id = ?",
+                [(seq, sizes[sid], sid) for sid, seq in seqs.values()],
             )
+            evicted = {
+                name: self._enforce_quota(conn, name, sid)
+                for name, (sid, _) in seqs.items()
+                if name in self.quotas
+            }
             if state:
                 write_state(conn, state)
-            return boot, seqs, appended
+            return boot, seqs, appended, evicted
 
-        boot, seqs, appended = transaction(conn, body)
+        boot, seqs, appended, evicted = transaction(conn, body)
         self.boot_row = boot
         self.streams.update(seqs)
+        for name, ev in evicted.items():
+            if ev.records:
+                total = self.evictions.setdefault(name, Eviction())
+                total.records += ev.records
+                total.bytes += ev.bytes
+                total.first_seq = ev.first_seq if total.first_seq is None else total.first_seq
+                total.last_seq = ev.last_seq
         return appended
+
+    def _enforce_quota(self, conn: sqlite3.Connection, name: str, stream_id: int) -> Eviction:
+        """Delete the stream's oldest telemetry-priority rows until it fits its quota; never anything else."""
+        ev = Eviction()
+        held = int(conn.execute("SELECT bytes FROM streams WHERE id = ?", (stream_id,)).fetchone()[0])
+        while held > self.quotas[name]:
+            oldest = conn.execute(
+                "SELECT id, seq, length(payload) FROM outbox WHERE stream_id = ? AND priority = ? ORDER BY id LIMIT ?",
+                (stream_id, int(Priority.TELEMETRY), EVICT_CHUNK),
+            ).fetchall()
+            if not oldest:
+                break  # only records that are never evicted remain: the status says so
+            doomed = []
+            for row_id, seq, size in oldest:
+                if held <= self.quotas[name]:
+                    break
+                doomed.append(row_id)
+                held -= size + ROW_OVERHEAD
+                ev.bytes += size + ROW_OVERHEAD
+                ev.first_seq = seq if ev.first_seq is None else ev.first_seq
+                ev.last_seq = seq
+            conn.execute(
+                "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(doomed),)
+            )
+            ev.records += len(doomed)
+        if ev.records:
+            conn.execute(
+                "UPDATE streams SET bytes = bytes - ?, evicted = evicted + ? WHERE id = ?",
+                (ev.bytes, ev.records, stream_id),
+            )
+        return ev
 
 
 class Outbox:
-    def __init__(self, db: Database, boot_id: str | None = None, max_batch: int = 5000) -> None:
+    def __init__(
+        self,
+        db: Database,
+        boot_id: str | None = None,
+        max_batch: int = 5000,
+        quotas: dict[str, int] | None = None,
+    ) -> None:
         self._db = db
-        self._writer = _Writer(boot_id or read_boot_id())
+        self._writer = _Writer(boot_id or read_boot_id(), quotas)
+        self.quotas = dict(quotas or {})
         self._max_batch = max_batch
         self._pending: deque[_Pending] = deque()
         self._flusher: asyncio.Task[None] | None = None
@@ -217,6 +290,15 @@ class Outbox:
     async def depth(self) -> list[StreamDepth]:
         return await self._db.run(_depth)
 
+    async def take_evictions(self) -> dict[str, Eviction]:
+        """Evictions since the last call (read on the store thread, where they are made)."""
+
+        def take(_conn: sqlite3.Connection) -> dict[str, Eviction]:
+            taken, self._writer.evictions = self._writer.evictions, {}
+            return taken
+
+        return await self._db.run(take)
+
     async def correct_wall_times(self, offset_ns: int, before_mono_ns: int) -> int:
         """Records of this boot taken before ``before_mono_ns`` with untrusted wall time get
         ``wall_ns = mono_ns + offset_ns`` and are marked corrected; returns how many."""
@@ -247,9 +329,17 @@ def _select(conn: sqlite3.Connection, tail: str, params: tuple[Any, ...]) -> lis
 
 def _acknowledge(conn: sqlite3.Connection, ids: list[int]) -> int:
     def body(conn: sqlite3.Connection) -> int:
-        before = conn.total_changes
-        conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in ids])
-        return conn.total_changes - before
+        gone = conn.execute(
+            "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?)) RETURNING stream_id, length(payload)",
+            (json.dumps(ids),),
+        ).fetchall()
+        freed: dict[int, int] = {}
+        for stream_id, size in gone:
+            freed[stream_id] = freed.get(stream_id, 0) + size + ROW_OVERHEAD
+        conn.executemany(
+            "UPDATE streams SET bytes = bytes - ? WHERE id = ?", [(b, s) for s, b in freed.items()]
+        )
+        return len(gone)
 
     return transaction(conn, body)
 
@@ -270,7 +360,10 @@ def _depth(conn: sqlite3.Connection) -> list[StreamDepth]:
     rows = conn.execute(
         "SELECT s.name, s.last_seq,"
         " (SELECT count(*) FROM outbox o WHERE o.stream_id = s.id),"
-        " (SELECT o.wall_ns FROM outbox o WHERE o.stream_id = s.id ORDER BY o.id LIMIT 1)"
+        " (SELECT o.wall_ns FROM outbox o WHERE o.stream_id = s.id ORDER BY o.id LIMIT 1), s.bytes, s.evicted"
         " FROM streams s ORDER BY s.name"
     ).fetchall()
-    return [StreamDepth(name, int(depth), int(last), oldest) for name, last, depth, oldest in rows]
+    return [
+        StreamDepth(name, int(depth), int(last), oldest, int(size), int(evicted))
+        for name, last, depth, oldest, size, evicted in rows
+    ]
