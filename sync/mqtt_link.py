@@ -36,8 +36,32 @@ class PublishRejected(aiomqtt.MqttError):
     """The broker answered PUBACK with a failure reason code (MQTT 5): the message was not accepted."""
 
 
+class _LastError(logging.Handler):
+    """Remembers paho's last ERROR line: with TLS 1.3 a refused client certificate only shows there."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.message: str | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.message = record.getMessage()
+
+
+PAHO_LOG = logging.getLogger("fleetgate.sync.paho")
+_LAST_ERROR = _LastError()
+PAHO_LOG.addHandler(_LAST_ERROR)
+CERT_REFUSED = ("ALERT_UNKNOWN_CA", "ALERT_BAD_CERTIFICATE", "CERTIFICATE_REQUIRED", "ALERT_CERTIFICATE")
+
+
+def _closed_before_connack() -> str:
+    detail = _LAST_ERROR.message or "no reason given"
+    if any(mark in detail for mark in CERT_REFUSED):
+        return f"the broker refused this device's client certificate ({detail})"
+    return f"connection closed before the broker accepted it ({detail})"
+
+
 class _Client(aiomqtt.Client):
-    """aiomqtt's client, made to honour PUBACK reason codes.
+    """aiomqtt's client, made to honour PUBACK reason codes and to report a refused connection at once.
 
     aiomqtt 2.x completes ``publish`` on any PUBACK, even "not authorized" (0x87) or "quota exceeded" (0x97):
     the records would then be deleted as delivered. This subclass keeps the reason code per message id and
@@ -45,8 +69,21 @@ class _Client(aiomqtt.Client):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        _LAST_ERROR.message = None
+        super().__init__(*args, logger=PAHO_LOG, **kwargs)
         self._reasons: dict[int, ReasonCode] = {}
+        # The drain keeps max_inflight publishes pending on purpose; aiomqtt would warn about each above 10.
+        self.pending_calls_threshold = kwargs.get("max_inflight_messages", 10) + 1
+
+    def _on_disconnect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any = None
+    ) -> None:
+        # aiomqtt ignores a disconnect before CONNACK and lets the connect run into its timeout ("Operation
+        # timed out"): under TLS 1.3 that is what a refused client certificate looks like. Fail at once, saying so.
+        if not self._connected.done():
+            self._connected.set_exception(aiomqtt.MqttError(_closed_before_connack()))
+            return
+        super()._on_disconnect(client, userdata, flags, reason_code, properties)
 
     def _on_publish(
         self, client: paho.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Any
