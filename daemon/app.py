@@ -55,7 +55,11 @@ def _correct_times_on_trust(sink: ReadingSink, outbox: Outbox, events: Events):
             return
         await sink.flush()  # readings still in memory were taken untrusted too
         corrected = await outbox.correct_wall_times(trust.offset_ns, trust.since_mono_ns)
-        body: dict[str, Any] = {"source": trust.source, "corrected_records": corrected, **trust.as_dict()}
+        body: dict[str, Any] = {
+            **trust.as_dict(),
+            "offset_ns": trust.offset_ns,
+            "corrected_records": corrected,
+        }
         await events.emit_now("time-trusted", body)
 
     return on_trust
@@ -140,6 +144,7 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
             mq.max_message_bytes,
             mq.compress_min_bytes,
             mq.live_share,
+            database.store_id,
         )
         status.uplink = Uplink(mq, Topics(mq.topic_root, config.device.id), drain, lambda: _health(status))
         components.append(status.uplink)

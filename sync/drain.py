@@ -67,9 +67,11 @@ class Drain:
         max_message_bytes: int,
         compress_min_bytes: int,
         live_share: float,
+        store_id: str,
     ) -> None:
         self._outbox = outbox
         self._device = device
+        self._store_id = store_id
         self._max_inflight = max_inflight
         self._max_bytes = max_message_bytes
         self._compress_min = compress_min_bytes
@@ -162,7 +164,7 @@ class Drain:
         by_stream = sorted(records, key=lambda r: (r.priority, r.stream, r.id))
         out: list[Message] = []
         for _, group in groupby(by_stream, key=lambda r: r.stream):
-            out.extend(pack(self._device, list(group), self._max_bytes, self._compress_min))
+            out.extend(pack(self._device, list(group), self._max_bytes, self._compress_min, self._store_id))
         return out
 
     async def _idle(self, failure: asyncio.Future[BaseException]) -> None:

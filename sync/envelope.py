@@ -1,11 +1,12 @@
 """The uplink message: many outbox records of one stream in one JSON document, compressed when worth it.
 
-    {"v": 1, "device": "<id>", "stream": "<name>", "records": [
+    {"v": 1, "device": "<id>", "store": "<database id>", "stream": "<name>", "records": [
         {"seq": 17, "ts": "2026-11-22T10:00:00.123Z", "wall_ns": ..., "mono_ns": ..., "boot": "<boot id>",
          "trusted": true, "corrected": false, "data": {<the record's payload>}}, ...]}
 
-(device, stream, seq) identifies a record for ever: a consumer drops what it has seen. Payloads are already
-JSON in the outbox, so they are spliced in as bytes, never parsed again. A payload at least
+(device, store, stream, seq) identifies a record for ever: a consumer drops what it has seen. ``store`` is
+the id of the gateway's database; it changes only when the database is replaced, and seq starts again then.
+Payloads are already JSON in the outbox, so they are spliced in as bytes, never parsed again. A payload at least
 ``compress_min_bytes`` long is zlib-compressed; the MQTT 5 user property ``content-encoding: zlib`` says so.
 """
 
@@ -50,7 +51,7 @@ def encode_record(r: StoredRecord) -> bytes:
 
 
 def pack(
-    device: str, records: Sequence[StoredRecord], max_bytes: int, compress_min_bytes: int
+    device: str, records: Sequence[StoredRecord], max_bytes: int, compress_min_bytes: int, store: str
 ) -> Iterator[Message]:
     """Split records (in order) into messages of one stream each, at most ``max_bytes`` before compression."""
     current: list[StoredRecord] = []
@@ -59,7 +60,10 @@ def pack(
     stream: str | None = None
 
     def finish() -> Message:
-        head = f'{{"v":{ENVELOPE_VERSION},"device":{json.dumps(device)},"stream":{json.dumps(stream)},"records":['
+        head = (
+            f'{{"v":{ENVELOPE_VERSION},"device":{json.dumps(device)},"store":{json.dumps(store)},'
+            f'"stream":{json.dumps(stream)},"records":['
+        )
         body = head.encode() + b",".join(parts) + b"]}"
         if len(body) >= compress_min_bytes:
             return Message(stream or "", list(current), zlib.compress(body, 1), True)

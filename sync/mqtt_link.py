@@ -10,6 +10,7 @@ link fails, and raises. The supervisor restarts it with backoff and jitter. The 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import ssl
@@ -30,6 +31,8 @@ from fleetgate.sync.topics import Topics
 log = logging.getLogger(__name__)
 
 HEALTH_INTERVAL_S = 30.0
+OFFLINE = json.dumps({"online": False})  # the Last Will, and what a clean stop publishes too
+OFFLINE_TIMEOUT_S = 2.0
 
 
 class PublishRejected(aiomqtt.MqttError):
@@ -144,7 +147,7 @@ class Uplink:
 
     def _client(self) -> _Client:
         cfg = self._config
-        will = aiomqtt.Will(self._topics.health, json.dumps({"online": False}), qos=1, retain=True)
+        will = aiomqtt.Will(self._topics.health, OFFLINE, qos=1, retain=True)
         return _Client(
             cfg.host,
             cfg.port,
@@ -183,6 +186,11 @@ class Uplink:
                     for task in done:
                         task.result()  # raises the failure that ended the link
                     raise aiomqtt.MqttError("link ended")
+                except asyncio.CancelledError:
+                    # A clean stop: the broker discards the Last Will on a normal DISCONNECT, so say it ourselves.
+                    with contextlib.suppress(Exception):
+                        await asyncio.wait_for(self._publish_offline(client), OFFLINE_TIMEOUT_S)
+                    raise
                 finally:
                     for task in tasks:
                         task.cancel()
@@ -201,6 +209,9 @@ class Uplink:
         await client.publish(
             self._topics.health, json.dumps(body, default=str), qos=1, retain=True, properties=props
         )
+
+    async def _publish_offline(self, client: _Client) -> None:
+        await client.publish(self._topics.health, OFFLINE, qos=1, retain=True)
 
     async def _keep_health(self, client: _Client) -> None:
         while True:

@@ -223,14 +223,14 @@ def test_telemetry_records_from_a_real_outbox_match_the_contract(tmp_path):
             trust = clock.trust
             assert trust.offset_ns is not None and trust.since_mono_ns is not None
             assert await outbox.correct_wall_times(trust.offset_ns, trust.since_mono_ns) == len(CATALOGUE)
-            return await outbox.next_batch(1000)
+            return await outbox.next_batch(1000), db.store_id
         finally:
             await db.close()
 
-    records = asyncio.run(main())
+    records, store_id = asyncio.run(main())
     assert {(r.time_trusted, r.time_corrected) for r in records} == {(False, True), (True, False)}
     for compress_min in (0, 10**9):
-        messages = list(pack(DEVICE, records, 1024, compress_min))
+        messages = list(pack(DEVICE, records, 1024, compress_min, store_id))
         assert len(messages) > 1  # split by size
         delivered = []
         for message in messages:

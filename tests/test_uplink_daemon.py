@@ -143,6 +143,10 @@ def test_a_backlog_built_offline_drains_when_the_broker_comes_up(tmp_path, start
         health = json.loads(body)
         assert retained and health["online"] is True and "backlog" in health and "drain_rate_per_s" in health
         daemon.terminate()
+        # A clean stop sends no Last Will (the DISCONNECT is normal): the daemon says offline itself.
+        with Consumer("127.0.0.1", broker.port, f"fleetgate/v1/{DEVICE}/health") as late:
+            [(_t, body, _q, retained, _p)] = wait_until("the retained health message", lambda: late.messages)
+        assert retained and json.loads(body) == {"online": False}
         copies = assert_nothing_lost(db, consumer.messages)
     assert max(copies.values()) == 1  # no duplicate without a failure to cause one
 

@@ -109,6 +109,7 @@ class Database:
         self.path = path
         self.recovery = recovery
         self.schema_version = len(MIGRATIONS)
+        self.store_id: str = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._closed = False
 

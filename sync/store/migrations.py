@@ -48,6 +48,12 @@ MIGRATIONS: list[list[str]] = [
         "UPDATE streams SET bytes = (SELECT coalesce(sum(length(payload) + 64), 0) FROM outbox"
         " WHERE outbox.stream_id = streams.id)",
     ],
+    # 4: an id for this database, so (device, store, stream, seq) stays unique when a database is replaced
+    # (corrupt at start, or wiped) and every seq starts again at 1.
+    [
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "INSERT INTO meta(key, value) VALUES ('store_id', lower(hex(randomblob(16))))",
+    ],
 ]
 
 
