@@ -20,9 +20,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from itertools import groupby
+from operator import itemgetter
 
-from fleetgate.sync.envelope import Message, pack
-from fleetgate.sync.store import Outbox, StoredRecord
+from fleetgate.sync.envelope import Message, pack_encoded
+from fleetgate.sync.store import Outbox
+from fleetgate.sync.store.outbox import EncodedRow
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,7 @@ class Drain:
             finally:
                 window.release()
             acked.extend(message.ids)
-            self.stats.published(len(message.records))
+            self.stats.published(len(message.ids))
 
         async def delete_acked() -> None:
             ids = acked[:]
@@ -121,16 +123,15 @@ class Drain:
                 turn += 1
                 live_turn = self._live_every and turn % self._live_every == 0
                 if live_turn:
-                    records = [
-                        r for r in await self._outbox.newest_after(live_after, FETCH) if r.id not in taken
-                    ]
+                    newest = await self._outbox.encoded_newest_after(live_after, FETCH)
+                    records = [r for r in newest if r[0] not in taken]
                     if records:
-                        live_after = records[-1].id
+                        live_after = records[-1][0]
                 else:
-                    records = await self._outbox.batch_after(backlog[0], backlog[1], FETCH)
+                    records = await self._outbox.encoded_after(backlog[0], backlog[1], FETCH)
                     if records:
-                        backlog = (records[-1].priority, records[-1].id)
-                    records = [r for r in records if r.id not in taken]
+                        backlog = (records[-1][2], records[-1][0])
+                    records = [r for r in records if r[0] not in taken]
                 if not records:
                     if not live_turn:
                         await self._idle(failure)
@@ -159,12 +160,15 @@ class Drain:
             if acked:
                 await asyncio.shield(delete_acked())
 
-    def _messages(self, records: list[StoredRecord]) -> list[Message]:
+    def _messages(self, records: list[EncodedRow]) -> list[Message]:
         # One stream per message, records of a stream in order.
-        by_stream = sorted(records, key=lambda r: (r.priority, r.stream, r.id))
+        by_stream = sorted(records, key=itemgetter(2, 1, 0))  # priority, stream, id
         out: list[Message] = []
-        for _, group in groupby(by_stream, key=lambda r: r.stream):
-            out.extend(pack(self._device, list(group), self._max_bytes, self._compress_min, self._store_id))
+        for stream, group in groupby(by_stream, key=itemgetter(1)):
+            rows = [(r[0], r[3]) for r in group]
+            out.extend(
+                pack_encoded(self._device, stream, rows, self._max_bytes, self._compress_min, self._store_id)
+            )
         return out
 
     async def _idle(self, failure: asyncio.Future[BaseException]) -> None:

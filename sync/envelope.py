@@ -17,6 +17,8 @@ import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from itertools import groupby
+from operator import attrgetter
 
 from fleetgate.sync.store import StoredRecord
 
@@ -24,16 +26,12 @@ ENVELOPE_VERSION = 1
 CONTENT_TYPE = "application/json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Message:
     stream: str
-    records: list[StoredRecord]
+    ids: list[int]  # outbox row ids of the records it carries, in order
     payload: bytes
     compressed: bool
-
-    @property
-    def ids(self) -> list[int]:
-        return [r.id for r in self.records]
 
 
 def _iso(wall_ns: int) -> str:
@@ -54,31 +52,45 @@ def pack(
     device: str, records: Sequence[StoredRecord], max_bytes: int, compress_min_bytes: int, store: str
 ) -> Iterator[Message]:
     """Split records (in order) into messages of one stream each, at most ``max_bytes`` before compression."""
-    current: list[StoredRecord] = []
+    for stream, group in groupby(records, key=attrgetter("stream")):
+        rows = [(r.id, encode_record(r)) for r in group]
+        yield from pack_encoded(device, stream, rows, max_bytes, compress_min_bytes, store)
+
+
+def pack_encoded(
+    device: str,
+    stream: str,
+    rows: Sequence[tuple[int, bytes]],
+    max_bytes: int,
+    compress_min_bytes: int,
+    store: str,
+) -> Iterator[Message]:
+    """(id, encoded record) of one stream, in order, into messages of at most ``max_bytes`` before compression.
+
+    The drain's path: the store hands records over already encoded (``Outbox.encoded_after``).
+    """
+    head = (
+        f'{{"v":{ENVELOPE_VERSION},"device":{json.dumps(device)},"store":{json.dumps(store)},'
+        f'"stream":{json.dumps(stream)},"records":['
+    ).encode()
+    ids: list[int] = []
     parts: list[bytes] = []
     size = 0
-    stream: str | None = None
 
     def finish() -> Message:
-        head = (
-            f'{{"v":{ENVELOPE_VERSION},"device":{json.dumps(device)},"store":{json.dumps(store)},'
-            f'"stream":{json.dumps(stream)},"records":['
-        )
-        body = head.encode() + b",".join(parts) + b"]}"
+        body = head + b",".join(parts) + b"]}"
         if len(body) >= compress_min_bytes:
-            return Message(stream or "", list(current), zlib.compress(body, 1), True)
-        return Message(stream or "", list(current), body, False)
+            return Message(stream, ids, zlib.compress(body, 1), True)
+        return Message(stream, ids, body, False)
 
-    for record in records:
-        encoded = encode_record(record)
-        if current and (record.stream != stream or size + len(encoded) + 1 > max_bytes):
+    for id_, encoded in rows:
+        if ids and size + len(encoded) + 1 > max_bytes:
             yield finish()
-            current, parts, size = [], [], 0
-        stream = record.stream
-        current.append(record)
+            ids, parts, size = [], [], 0
+        ids.append(id_)
         parts.append(encoded)
         size += len(encoded) + 1
-    if current:
+    if ids:
         yield finish()
 
 

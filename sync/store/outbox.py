@@ -272,6 +272,15 @@ class Outbox:
         return await self._db.run(_select, "WHERE (o.priority, o.id) > (?, ?) ORDER BY o.priority, o.id LIMIT ?",
                                   (priority, after_id, limit))  # fmt: skip
 
+    async def encoded_after(self, priority: int, after_id: int, limit: int) -> list[EncodedRow]:
+        """``batch_after``, each record already encoded for the uplink (``envelope.encode_record``'s bytes)."""
+        return await self._db.run(_select_encoded, "WHERE (o.priority, o.id) > (?, ?) ORDER BY o.priority, o.id"
+                                  " LIMIT ?", (priority, after_id, limit))  # fmt: skip
+
+    async def encoded_newest_after(self, after_id: int, limit: int) -> list[EncodedRow]:
+        """``newest_after``, each record already encoded for the uplink."""
+        return await self._db.run(_select_encoded, "WHERE o.id > ? ORDER BY o.id LIMIT ?", (after_id, limit))
+
     async def newest_after(self, after_id: int, limit: int) -> list[StoredRecord]:
         """Records appended after row ``after_id``, oldest first: the live edge while a backlog drains."""
         return await self._db.run(_select, "WHERE o.id > ? ORDER BY o.id LIMIT ?", (after_id, limit))
@@ -327,19 +336,59 @@ def _select(conn: sqlite3.Connection, tail: str, params: tuple[Any, ...]) -> lis
     ]
 
 
+# envelope.encode_record's bytes, made by SQLite on the store thread, which releases the GIL while it steps:
+# the event loop does not pay for it (in Python, ~3 us per record on the loop). json_quote writes what
+# json.dumps does for the ASCII boot ids (/proc's UUID, or "unknown").
+SELECT_ENCODED = (
+    "SELECT o.id, s.name, o.priority, CAST('{\"seq\":' || o.seq"
+    " || ',\"ts\":\"' || strftime('%Y-%m-%dT%H:%M:%S', o.wall_ns / 1000000000, 'unixepoch')"
+    ' || printf(\'.%03dZ","wall_ns":\', o.wall_ns / 1000000 % 1000) || o.wall_ns'
+    " || ',\"mono_ns\":' || o.mono_ns || ',\"boot\":' || json_quote(b.boot_id)"
+    " || CASE WHEN o.time_trusted THEN ',\"trusted\":true' ELSE ',\"trusted\":false' END"
+    " || CASE WHEN o.time_corrected THEN ',\"corrected\":true' ELSE ',\"corrected\":false' END"
+    " || ',\"data\":' || o.payload || '}' AS BLOB)"
+    " FROM outbox o JOIN streams s ON s.id = o.stream_id JOIN boots b ON b.id = o.boot "
+)
+EncodedRow = tuple[int, str, int, bytes]  # id, stream, priority, encoded record
+
+
+def _select_encoded(conn: sqlite3.Connection, tail: str, params: tuple[Any, ...]) -> list[EncodedRow]:
+    return conn.execute(SELECT_ENCODED + tail, params).fetchall()
+
+
+def _runs(ids: list[int]) -> list[list[int]]:
+    """Ids as [first, last] runs of consecutive ids: what a drain acknowledges is mostly one run."""
+    ids = sorted(ids)
+    runs = [[ids[0], ids[0]]]
+    for i in ids[1:]:
+        if i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    return runs
+
+
+ACKED = (
+    "FROM json_each(?) r JOIN outbox o"
+    " ON o.id BETWEEN json_extract(r.value, '$[0]') AND json_extract(r.value, '$[1]')"
+)
+ACKED_FREED = f"SELECT o.stream_id, count(*), sum(length(o.payload)) {ACKED} GROUP BY o.stream_id"
+ACKED_DELETE = f"DELETE FROM outbox WHERE id IN (SELECT o.id {ACKED})"  # noqa: S608 (constant SQL, values bound)
+
+
 def _acknowledge(conn: sqlite3.Connection, ids: list[int]) -> int:
+    # Set-wise statements only: a statement stepped once per row from Python (executemany, RETURNING) hands
+    # the GIL to the busy event loop and waits to get it back, once per row.
+    runs = json.dumps(_runs(ids))
+
     def body(conn: sqlite3.Connection) -> int:
-        gone = conn.execute(
-            "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?)) RETURNING stream_id, length(payload)",
-            (json.dumps(ids),),
-        ).fetchall()
-        freed: dict[int, int] = {}
-        for stream_id, size in gone:
-            freed[stream_id] = freed.get(stream_id, 0) + size + ROW_OVERHEAD
+        freed = conn.execute(ACKED_FREED, (runs,)).fetchall()
+        conn.execute(ACKED_DELETE, (runs,))
         conn.executemany(
-            "UPDATE streams SET bytes = bytes - ? WHERE id = ?", [(b, s) for s, b in freed.items()]
+            "UPDATE streams SET bytes = bytes - ? WHERE id = ?",
+            [(size + n * ROW_OVERHEAD, sid) for sid, n, size in freed],
         )
-        return len(gone)
+        return sum(n for _, n, _ in freed)
 
     return transaction(conn, body)
 
