@@ -13,7 +13,6 @@ import asyncio
 import copy
 import json
 import re
-import time
 import zlib
 from collections import Counter
 from datetime import UTC, datetime
@@ -30,7 +29,7 @@ from fleetgate.daemon.signals import CATALOGUE
 from fleetgate.sync.envelope import pack
 from fleetgate.sync.store import Database, Outbox
 
-from conftest import daemon_config
+from conftest import daemon_config, wait_until
 from mosquitto_fixture import Mosquitto
 from mqtt_consumer import Consumer
 from tcp_proxy import TcpProxy
@@ -243,16 +242,6 @@ def test_telemetry_records_from_a_real_outbox_match_the_contract(tmp_path):
 
 
 # -- real traffic: a daemon, a broker, a subscriber ------------------------------------------------------
-
-
-def wait_until(what: str, check_fn, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check_fn()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def raw(payload: bytes, props: dict[str, Any]) -> bytes:

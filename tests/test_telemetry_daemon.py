@@ -10,29 +10,18 @@ import socket
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from conftest import daemon_config
+from conftest import daemon_config, wait_until
 from elm_emulator import ElmEmulator
 from gpsfake_fixture import DRIVE_WAYPOINTS, Gpsfake, moving_route, nmea_route
 
 pytestmark = pytest.mark.timeout(180)
 
 SPEED_KMH = 36
-
-
-def wait_until(what: str, check: Callable[[], Any], timeout: float = 60.0, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def records(db: Path, stream: str) -> list[dict[str, Any]]:

@@ -18,23 +18,13 @@ from typing import Any
 
 import pytest
 
-from conftest import daemon_config
+from conftest import daemon_config, wait_until
 from mosquitto_fixture import Mosquitto, free_port
 from mqtt_consumer import Consumer
 
 pytestmark = pytest.mark.timeout(180)
 
 DEVICE = "test-0001"
-
-
-def wait_until(what: str, check, timeout: float = 60.0, every: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def decode(topic: str, payload: bytes, props: dict[str, Any]) -> dict[str, Any]:
