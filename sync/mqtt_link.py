@@ -60,6 +60,13 @@ def _closed_before_connack() -> str:
     detail = _LAST_ERROR.message or "no reason given"
     if any(mark in detail for mark in CERT_REFUSED):
         return f"the broker refused this device's client certificate ({detail})"
+    if "SSL" in detail or "EOF" in detail:
+        # The alert naming the reason can be lost in the close; the symptom is still the TLS session ending
+        # before CONNACK, which with require_certificate brokers almost always means the certificate.
+        return (
+            "the broker closed the TLS connection before accepting it: most likely it refused this device's "
+            f"client certificate ({detail})"
+        )
     return f"connection closed before the broker accepted it ({detail})"
 
 

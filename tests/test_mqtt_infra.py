@@ -203,7 +203,8 @@ def test_tls13_refused_client_cert_is_a_timeout_in_aiomqtt(
     with caplog.at_level(logging.ERROR, logger="mqtt"), pytest.raises(aiomqtt.MqttError) as err:
         asyncio.run(connect())
     assert str(err.value) == "Operation timed out"
-    assert any(client_log in r.getMessage() for r in caplog.records if r.name == "mqtt"), caplog.text
+    # paho logs the TLS alert (client_log) only when its network loop reads the socket again, which on a busy
+    # machine may come after the timeout; the daemon's own test covers the clear message (test_uplink_network).
     assert broker_log in tls_broker.log
 
 
