@@ -99,7 +99,7 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
         config.control.socket_path, config.control.socket_group, config.control.max_clients
     )
     control.register("status", lambda args: status.snapshot())
-    control.register("ping", lambda args: _answer({"pong": __version__}))
+    control.register("ping", lambda args: {"pong": __version__})
 
     components: list[Component] = [
         control,
@@ -148,14 +148,12 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
         )
         status.uplink = Uplink(mq, Topics(mq.topic_root, config.device.id), drain, lambda: _health(status))
         components.append(status.uplink)
-        control.register("sync", lambda args: _answer(_sync_now(drain)))
+        control.register("sync", lambda args: _sync_now(drain))
     control.register("queue", lambda args: _queue(outbox))
-    control.register("obd", lambda args: _answer(obd_view.snapshot() if obd_view else {"enabled": False}))
+    control.register("obd", lambda args: obd_view.snapshot() if obd_view else {"enabled": False})
     control.register(
         "gps",
-        lambda args: _answer(
-            gps_view.snapshot() if gps_view else {"enabled": False, "time": clock.trust.as_dict()}
-        ),
+        lambda args: gps_view.snapshot() if gps_view else {"enabled": False, "time": clock.trust.as_dict()},
     )
 
     try:
@@ -188,10 +186,6 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
     notifier.close()
     log.info("stopped", extra={"uptime_s": round(time.monotonic() - started, 1)})
     return EXIT_OK
-
-
-async def _answer(result: Any) -> Any:
-    return result
 
 
 def _sync_now(drain: Any) -> dict[str, bool]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import grp
+import inspect
 import json
 import logging
 import os
@@ -22,7 +23,8 @@ from fleetgate.daemon.control_protocol import MAX_LINE_BYTES, PROTOCOL_VERSION, 
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[dict[str, Any]], Awaitable[Any]]
+# A handler answers from state in memory (plain function) or asks the store (coroutine function).
+Handler = Callable[[dict[str, Any]], Any | Awaitable[Any]]
 
 
 class RequestError(Exception):
@@ -128,7 +130,9 @@ class ControlServer:
         self.requests += 1
         try:
             cmd, args = self._parse(line)
-            result = await self._handlers[cmd](args)
+            result = self._handlers[cmd](args)
+            if inspect.isawaitable(result):
+                result = await result
         except RequestError as exc:
             self.bad_requests += 1
             log.warning("bad control request", extra={"code": exc.code, "error": str(exc)})

@@ -17,14 +17,12 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from itertools import groupby
-from operator import itemgetter
 
-from fleetgate.sync.envelope import Message, pack_encoded
+from fleetgate.sync.envelope import Message, pack_rows
 from fleetgate.sync.store import Outbox
-from fleetgate.sync.store.outbox import EncodedRow
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +38,7 @@ class DrainStats:
     messages: int = 0
     records: int = 0
     last_publish_wall: float | None = None
-    rate_window: list[tuple[float, int]] = field(default_factory=list)  # (monotonic, records) per message
+    rate_window: deque[tuple[float, int]] = field(default_factory=deque)  # (monotonic, records) per message
 
     def published(self, records: int) -> None:
         now = time.monotonic()
@@ -49,7 +47,7 @@ class DrainStats:
         self.last_publish_wall = time.time()
         self.rate_window.append((now, records))
         while self.rate_window and now - self.rate_window[0][0] > 30:
-            self.rate_window.pop(0)
+            self.rate_window.popleft()
 
     @property
     def rate_per_s(self) -> float:
@@ -57,7 +55,7 @@ class DrainStats:
         if len(self.rate_window) < 2:
             return 0.0
         span = self.rate_window[-1][0] - self.rate_window[0][0]
-        return sum(n for _, n in self.rate_window[1:]) / span if span > 0 else 0.0
+        return (sum(n for _, n in self.rate_window) - self.rate_window[0][1]) / span if span > 0 else 0.0
 
 
 class Drain:
@@ -140,7 +138,9 @@ class Drain:
                             0,
                         )  # new records may sit anywhere in drain order: look again from the top
                     continue
-                for message in self._messages(records):
+                for message in pack_rows(
+                    self._device, self._store_id, records, self._max_bytes, self._compress_min
+                ):
                     await window.acquire()
                     if failure.done():
                         window.release()
@@ -159,17 +159,6 @@ class Drain:
                 await acker
             if acked:
                 await asyncio.shield(delete_acked())
-
-    def _messages(self, records: list[EncodedRow]) -> list[Message]:
-        # One stream per message, records of a stream in order.
-        by_stream = sorted(records, key=itemgetter(2, 1, 0))  # priority, stream, id
-        out: list[Message] = []
-        for stream, group in groupby(by_stream, key=itemgetter(1)):
-            rows = [(r[0], r[3]) for r in group]
-            out.extend(
-                pack_encoded(self._device, stream, rows, self._max_bytes, self._compress_min, self._store_id)
-            )
-        return out
 
     async def _idle(self, failure: asyncio.Future[BaseException]) -> None:
         """Nothing to take: wait for new records, "sync now", a failure, or a second."""

@@ -6,21 +6,21 @@
 
 (device, store, stream, seq) identifies a record for ever: a consumer drops what it has seen. ``store`` is
 the id of the gateway's database; it changes only when the database is replaced, and seq starts again then.
-Payloads are already JSON in the outbox, so they are spliced in as bytes, never parsed again. A payload at least
-``compress_min_bytes`` long is zlib-compressed; the MQTT 5 user property ``content-encoding: zlib`` says so.
+The store encodes each record (``Outbox.encoded_after``: SQLite builds the bytes, payload spliced in, never
+parsed again); this module only packs them. A message at least ``compress_min_bytes`` long is
+zlib-compressed; the MQTT 5 user property ``content-encoding: zlib`` says so.
 """
 
 from __future__ import annotations
 
 import json
-import time
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import groupby
-from operator import attrgetter
+from operator import itemgetter
 
-from fleetgate.sync.store import StoredRecord
+from fleetgate.sync.store.outbox import EncodedRow
 
 ENVELOPE_VERSION = 1
 CONTENT_TYPE = "application/json"
@@ -34,27 +34,17 @@ class Message:
     compressed: bool
 
 
-def _iso(wall_ns: int) -> str:
-    seconds, ns = divmod(wall_ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{ns // 1_000_000:03d}Z"
-
-
-def encode_record(r: StoredRecord) -> bytes:
-    head = (
-        f'{{"seq":{r.seq},"ts":"{_iso(r.wall_ns)}","wall_ns":{r.wall_ns},"mono_ns":{r.mono_ns},'
-        f'"boot":{json.dumps(r.boot_id)},"trusted":{"true" if r.time_trusted else "false"},'
-        f'"corrected":{"true" if r.time_corrected else "false"},"data":'
-    )
-    return head.encode() + r.payload + b"}"
-
-
-def pack(
-    device: str, records: Sequence[StoredRecord], max_bytes: int, compress_min_bytes: int, store: str
-) -> Iterator[Message]:
-    """Split records (in order) into messages of one stream each, at most ``max_bytes`` before compression."""
-    for stream, group in groupby(records, key=attrgetter("stream")):
-        rows = [(r.id, encode_record(r)) for r in group]
-        yield from pack_encoded(device, stream, rows, max_bytes, compress_min_bytes, store)
+def pack_rows(
+    device: str, store: str, rows: Sequence[EncodedRow], max_bytes: int, compress_min_bytes: int
+) -> list[Message]:
+    """Encoded outbox rows (``Outbox.encoded_after``) into messages of one stream each: by priority, then
+    stream, records of a stream in order. The drain's packing; the benchmark and tests call it too."""
+    out: list[Message] = []
+    for stream, group in groupby(sorted(rows, key=itemgetter(2, 1, 0)), key=itemgetter(1)):
+        out.extend(
+            pack_encoded(device, stream, [(r[0], r[3]) for r in group], max_bytes, compress_min_bytes, store)
+        )
+    return out
 
 
 def pack_encoded(
@@ -92,8 +82,3 @@ def pack_encoded(
         size += len(encoded) + 1
     if ids:
         yield finish()
-
-
-def unpack(payload: bytes, compressed: bool) -> dict:
-    """What a consumer does (tests use it): inflate if declared, then parse."""
-    return json.loads(zlib.decompress(payload) if compressed else payload)

@@ -26,7 +26,7 @@ from jsonschema import Draft202012Validator
 from fleetgate.daemon.clock import Clock
 from fleetgate.daemon.readings import ReadingSink
 from fleetgate.daemon.signals import CATALOGUE
-from fleetgate.sync.envelope import pack
+from fleetgate.sync.envelope import pack_rows
 from fleetgate.sync.store import Database, Outbox
 
 from conftest import daemon_config, wait_until
@@ -222,14 +222,15 @@ def test_telemetry_records_from_a_real_outbox_match_the_contract(tmp_path):
             trust = clock.trust
             assert trust.offset_ns is not None and trust.since_mono_ns is not None
             assert await outbox.correct_wall_times(trust.offset_ns, trust.since_mono_ns) == len(CATALOGUE)
-            return await outbox.next_batch(1000), db.store_id
+            # The drain's own path: records encoded by the store, packed by pack_rows.
+            return await outbox.next_batch(1000), await outbox.encoded_after(-1, 0, 1000), db.store_id
         finally:
             await db.close()
 
-    records, store_id = asyncio.run(main())
+    records, encoded, store_id = asyncio.run(main())
     assert {(r.time_trusted, r.time_corrected) for r in records} == {(False, True), (True, False)}
     for compress_min in (0, 10**9):
-        messages = list(pack(DEVICE, records, 1024, compress_min, store_id))
+        messages = pack_rows(DEVICE, store_id, encoded, 1024, compress_min)
         assert len(messages) > 1  # split by size
         delivered = []
         for message in messages:

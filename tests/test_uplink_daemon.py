@@ -7,20 +7,23 @@ stream, the records delivered plus the records still in the outbox are exactly 1
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from conftest import daemon_config, wait_until
-from mosquitto_fixture import Mosquitto, free_port
+from mosquitto_fixture import Mosquitto, TlsFiles, free_port
 from mqtt_consumer import Consumer
+from tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -76,7 +79,28 @@ def assert_nothing_lost(db: Path, messages: list) -> Counter:
     return copies
 
 
-def uplink_config(tmp_path: Path, port: int, heartbeat_s: float = 0.005) -> Path:
+def uplink_config(
+    tmp_path: Path,
+    port: int,
+    *,
+    tls: TlsFiles | None = None,
+    cert: str = "client",
+    trust: str = "ca",
+    heartbeat_s: float = 0.005,
+    max_message_bytes: int = 16384,
+) -> Path:
+    """MQTT to 127.0.0.1:`port`, a dead link noticed within seconds (keepalive and publish timeout 5 s).
+
+    With `tls`: the client certificate `cert` ("client": signed by the broker's CA; "rogue": same CN, another
+    CA) and the trusted CA `trust` ("ca": the broker's; "rogue": another one)."""
+    tls_lines = "tls = false\n"
+    if tls is not None:
+        tls_lines = (
+            "tls = true\n\n[mqtt.tls_files]\n"
+            f'ca_file = "{tls.ca if trust == "ca" else tls.rogue_ca}"\n'
+            f'cert_file = "{getattr(tls, f"{cert}_cert")}"\n'
+            f'key_file = "{getattr(tls, f"{cert}_key")}"\n'
+        )
     return daemon_config(
         tmp_path,
         f"""
@@ -88,14 +112,30 @@ backoff_max_s = 1.0
 enabled = true
 host = "127.0.0.1"
 port = {port}
-tls = false
 keepalive_s = 5
 connect_timeout_s = 2
 publish_timeout_s = 5
-max_message_bytes = 16384
-""",
+max_message_bytes = {max_message_bytes}
+{tls_lines}""",
         heartbeat_s=heartbeat_s,
     )
+
+
+@contextlib.contextmanager
+def broker_comes_up(
+    port: int, tls: TlsFiles | None = None, topics: str = f"fleetgate/v1/{DEVICE}/#"
+) -> Iterator:
+    """A broker, and a consumer already subscribed, before the daemon (configured for `port`) can reach it.
+
+    Starting the broker on `port` itself would race: the retrying daemon may publish before the consumer
+    has subscribed, and those messages would look lost. So the broker listens on a port of its own and a
+    proxy opens `port` only once the consumer listens. Yields (broker, consumer, proxy)."""
+    with Mosquitto(tls=tls) as broker, Consumer("127.0.0.1", broker.port, topics, tls=tls) as consumer:
+        proxy = TcpProxy("127.0.0.1", broker.port, port=port).start()
+        try:
+            yield broker, consumer, proxy
+        finally:
+            proxy.stop()
 
 
 def status(daemon) -> dict[str, Any]:
@@ -115,10 +155,7 @@ def test_a_backlog_built_offline_drains_when_the_broker_comes_up(tmp_path, start
     uplink = next(c for c in offline["components"] if c["name"] == "uplink")
     assert uplink["restarts"] >= 1 and "uplink" in json.dumps(offline)
 
-    with (
-        Mosquitto(port=port) as broker,
-        Consumer("127.0.0.1", broker.port, f"fleetgate/v1/{DEVICE}/#") as consumer,
-    ):
+    with broker_comes_up(port) as (broker, consumer, _proxy):
         backlog_end = status(daemon)["outbox"]["streams"][0]["last_seq"]
 
         def caught_up() -> bool:
@@ -149,10 +186,7 @@ def test_kill_9_mid_drain_loses_nothing(tmp_path, start_daemon):
     daemon = start_daemon(config)
     daemon.wait_ready()
     wait_until("a backlog", lambda: status(daemon)["outbox"]["total"] > 3000)
-    with (
-        Mosquitto(port=port) as broker,
-        Consumer("127.0.0.1", broker.port, f"fleetgate/v1/{DEVICE}/#") as consumer,
-    ):
+    with broker_comes_up(port) as (_broker, consumer, _proxy):
         for _ in range(3):
             wait_until("some deliveries", lambda: len(consumer.messages) > 3)
             daemon.proc.send_signal(signal.SIGKILL)
@@ -175,21 +209,17 @@ def test_broker_stopped_mid_drain_and_restarted_loses_nothing(tmp_path, start_da
     daemon = start_daemon(uplink_config(tmp_path, port))
     daemon.wait_ready()
     wait_until("a backlog", lambda: status(daemon)["outbox"]["total"] > 3000)
-    broker = Mosquitto(port=port).start()
-    consumer = Consumer("127.0.0.1", broker.port, f"fleetgate/v1/{DEVICE}/#").start()
-    try:
+    with broker_comes_up(port) as (broker, consumer, proxy):
         wait_until("some deliveries", lambda: len(consumer.messages) > 3)
         broker.stop()
         wait_until("the daemon to notice", lambda: status(daemon)["uplink"]["online"] is False, timeout=30)
         first_part = list(consumer.messages)
-        consumer.stop()
+        proxy.cut("reset")  # the daemon stays out until the new consumer listens (see broker_comes_up)
         broker.restart()
-        consumer = Consumer("127.0.0.1", broker.port, f"fleetgate/v1/{DEVICE}/#").start()
-        wait_until("online again", lambda: status(daemon)["uplink"]["online"], timeout=30)
-        wait_until("a caught-up outbox", lambda: status(daemon)["outbox"]["total"] < 200, timeout=90)
-        daemon.terminate()
-        time.sleep(0.5)
-        assert_nothing_lost(db, first_part + consumer.messages)
-    finally:
-        consumer.stop()
-        broker.close()
+        with Consumer("127.0.0.1", broker.port, f"fleetgate/v1/{DEVICE}/#") as again:
+            proxy.restore()
+            wait_until("online again", lambda: status(daemon)["uplink"]["online"], timeout=30)
+            wait_until("a caught-up outbox", lambda: status(daemon)["outbox"]["total"] < 200, timeout=90)
+            daemon.terminate()
+            time.sleep(0.5)
+            assert_nothing_lost(db, first_part + again.messages)

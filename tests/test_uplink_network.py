@@ -20,17 +20,19 @@ import pytest
 from test_uplink_daemon import (
     DEVICE,
     assert_nothing_lost,
+    broker_comes_up,
     decode,
     delivered,
     outbox_state,
     status,
+    uplink_config,
     wait_until,
 )
 
 from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, Stamp
 
-from conftest import Daemon, daemon_config
-from mosquitto_fixture import Mosquitto, TlsFiles, free_port, make_tls
+from conftest import Daemon
+from mosquitto_fixture import Mosquitto, free_port, make_tls
 from mqtt_consumer import Consumer
 from tcp_proxy import TcpProxy
 
@@ -74,46 +76,9 @@ def prefill(db: Path, telemetry: int = 0, events: int = 0) -> None:
     asyncio.run(write())
 
 
-def net_config(
-    tmp_path: Path,
-    port: int,
-    *,
-    tls: TlsFiles | None = None,
-    cert: str = "client",
-    trust: str = "ca",
-    heartbeat_s: float = 60.0,
-    max_message_bytes: int = 16384,
-) -> Path:
-    """MQTT to 127.0.0.1:`port`, a dead link noticed within seconds (keepalive and publish timeout 5 s).
-
-    With `tls`: the client certificate `cert` ("client": signed by the broker's CA; "rogue": same CN, another
-    CA) and the trusted CA `trust` ("ca": the broker's; "rogue": another one)."""
-    tls_lines = "tls = false\n"
-    if tls is not None:
-        tls_lines = (
-            "tls = true\n\n[mqtt.tls_files]\n"
-            f'ca_file = "{tls.ca if trust == "ca" else tls.rogue_ca}"\n'
-            f'cert_file = "{getattr(tls, f"{cert}_cert")}"\n'
-            f'key_file = "{getattr(tls, f"{cert}_key")}"\n'
-        )
-    return daemon_config(
-        tmp_path,
-        f"""
-[supervisor]
-backoff_initial_s = 0.2
-backoff_max_s = 1.0
-
-[mqtt]
-enabled = true
-host = "127.0.0.1"
-port = {port}
-keepalive_s = 5
-connect_timeout_s = 2
-publish_timeout_s = 5
-max_message_bytes = {max_message_bytes}
-{tls_lines}""",
-        heartbeat_s=heartbeat_s,
-    )
+def net_config(tmp_path: Path, port: int, *, heartbeat_s: float = 60.0, **kwargs: Any) -> Path:
+    """uplink_config with a slow heartbeat: the tests here build their backlogs themselves."""
+    return uplink_config(tmp_path, port, heartbeat_s=heartbeat_s, **kwargs)
 
 
 def status_when(
@@ -166,10 +131,7 @@ def test_tls_backlog_drains_with_a_valid_client_certificate(tmp_path, start_daem
     daemon = start_daemon(net_config(tmp_path, port, tls=tls))
     daemon.wait_ready()
     status_when(daemon, "the uplink to fail without a broker", lambda s: uplink_component(s)["restarts"] >= 1)
-    with (
-        Mosquitto(port=port, tls=tls) as broker,
-        Consumer("127.0.0.1", broker.port, TOPICS, tls=tls) as consumer,
-    ):
+    with broker_comes_up(port, tls, TOPICS) as (broker, consumer, _proxy):
         wait_until("the TLS backlog delivered", lambda: has_all(consumer, "telemetry", 5000), timeout=40)
         wait_until("the events delivered", lambda: has_all(consumer, "events", 3))
         online = status_when(daemon, "an empty outbox", lambda s: s["outbox"]["total"] == 0)["uplink"]
@@ -279,10 +241,7 @@ def test_live_data_overtakes_a_large_backlog_and_events_go_first(tmp_path, start
     # One heartbeat record a second: each one appended once the broker is up is live data.
     daemon = start_daemon(net_config(tmp_path, port, heartbeat_s=1.0, max_message_bytes=4096))
     daemon.wait_ready()
-    with (
-        Mosquitto(port=port) as broker,
-        Consumer("127.0.0.1", broker.port, TOPICS) as consumer,
-    ):
+    with broker_comes_up(port, topics=TOPICS) as (_broker, consumer, _proxy):
         heartbeat_at_start = stream_field(status(daemon), "heartbeat", "last_seq")
 
         def live_heartbeat() -> bool:

@@ -267,23 +267,16 @@ class Outbox:
         """The next ``limit`` records by priority (most urgent first), then by age."""
         return await self._db.run(_next_batch, limit)
 
-    async def batch_after(self, priority: int, after_id: int, limit: int) -> list[StoredRecord]:
-        """The next ``limit`` records in drain order (priority, then age) after position (priority, after_id)."""
-        return await self._db.run(_select, "WHERE (o.priority, o.id) > (?, ?) ORDER BY o.priority, o.id LIMIT ?",
-                                  (priority, after_id, limit))  # fmt: skip
-
     async def encoded_after(self, priority: int, after_id: int, limit: int) -> list[EncodedRow]:
-        """``batch_after``, each record already encoded for the uplink (``envelope.encode_record``'s bytes)."""
+        """The next ``limit`` records in drain order (priority, then age) after position (priority, after_id),
+        each already encoded for the uplink (see SELECT_ENCODED)."""
         return await self._db.run(_select_encoded, "WHERE (o.priority, o.id) > (?, ?) ORDER BY o.priority, o.id"
                                   " LIMIT ?", (priority, after_id, limit))  # fmt: skip
 
     async def encoded_newest_after(self, after_id: int, limit: int) -> list[EncodedRow]:
-        """``newest_after``, each record already encoded for the uplink."""
+        """Records appended after row ``after_id``, oldest first and encoded: the live edge while a backlog
+        drains."""
         return await self._db.run(_select_encoded, "WHERE o.id > ? ORDER BY o.id LIMIT ?", (after_id, limit))
-
-    async def newest_after(self, after_id: int, limit: int) -> list[StoredRecord]:
-        """Records appended after row ``after_id``, oldest first: the live edge while a backlog drains."""
-        return await self._db.run(_select, "WHERE o.id > ? ORDER BY o.id LIMIT ?", (after_id, limit))
 
     async def last_id(self) -> int:
         return await self._db.run(
@@ -336,9 +329,9 @@ def _select(conn: sqlite3.Connection, tail: str, params: tuple[Any, ...]) -> lis
     ]
 
 
-# envelope.encode_record's bytes, made by SQLite on the store thread, which releases the GIL while it steps:
-# the event loop does not pay for it (in Python, ~3 us per record on the loop). json_quote writes what
-# json.dumps does for the ASCII boot ids (/proc's UUID, or "unknown").
+# One record of the uplink envelope (docs/mqtt.md), made by SQLite on the store thread, which releases the
+# GIL while it steps: the event loop does not pay for it (in Python, ~3 us per record on the loop).
+# json_quote writes what json.dumps does for the ASCII boot ids (/proc's UUID, or "unknown").
 SELECT_ENCODED = (
     "SELECT o.id, s.name, o.priority, CAST('{\"seq\":' || o.seq"
     " || ',\"ts\":\"' || strftime('%Y-%m-%dT%H:%M:%S', o.wall_ns / 1000000000, 'unixepoch')"

@@ -51,7 +51,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -303,26 +302,21 @@ async def pack_like_the_drain(path: Path, cfg: Any) -> list[tuple[str, bytes, An
     records at a time in drain order (priority, then id), then per stream (priority, stream, id) split by
     size, compressed above the threshold."""
     from fleetgate.sync.drain import FETCH
-    from fleetgate.sync.envelope import pack
+    from fleetgate.sync.envelope import pack_rows
     from fleetgate.sync.mqtt_link import _properties
-    from fleetgate.sync.store import Database, Priority, StoredRecord
-    from fleetgate.sync.store.outbox import SELECT_RECORDS
+    from fleetgate.sync.store import Database
+    from fleetgate.sync.store.outbox import SELECT_ENCODED
     from fleetgate.sync.topics import Topics
 
     topics = Topics(cfg.topic_root, DEVICE)
 
     def read_and_pack(conn: Any, store_id: str) -> list[tuple[str, bytes, Any, int]]:
         # One ordered scan (a cursor per FETCH would rescan what is not deleted here), cut into FETCH chunks.
-        cursor = conn.execute(SELECT_RECORDS + "ORDER BY o.priority, o.id")
+        cursor = conn.execute(SELECT_ENCODED + "ORDER BY o.priority, o.id")
         out = []
         while rows := cursor.fetchmany(FETCH):
-            records = [
-                StoredRecord(i, s, q, Priority(p), w, m, b, bool(t), bool(c), bytes(d))
-                for i, s, q, p, w, m, b, t, c, d in rows
-            ]
-            for _, group in groupby(sorted(records, key=lambda r: (r.priority, r.stream, r.id)), key=_stream):
-                for m in pack(DEVICE, list(group), cfg.max_message_bytes, cfg.compress_min_bytes, store_id):
-                    out.append((topics.uplink(m.stream), m.payload, _properties(m), len(m.ids)))
+            for m in pack_rows(DEVICE, store_id, rows, cfg.max_message_bytes, cfg.compress_min_bytes):
+                out.append((topics.uplink(m.stream), m.payload, _properties(m), len(m.ids)))
         return out
 
     db = await Database.open(path, "normal")
@@ -330,10 +324,6 @@ async def pack_like_the_drain(path: Path, cfg: Any) -> list[tuple[str, bytes, An
         return await db.run(read_and_pack, db.store_id)
     finally:
         await db.close()
-
-
-def _stream(record: Any) -> str:
-    return record.stream
 
 
 async def ceiling(args: argparse.Namespace) -> dict[str, Any]:
