@@ -8,52 +8,15 @@ Secrets are never inline: the config names a file, and that file must be readabl
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 from typing import Annotated, Literal, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, model_validator
+from pydantic import AfterValidator, BaseModel, Field, model_validator
+
+from fleetgate.config.access import KeypadConfig, SessionsConfig, StartEnableConfig
+from fleetgate.config.types import ResolvedPath, SecretFile, Section, resolve_device
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
-
-
-def _resolve(path: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base_dir")
-    if not path.is_absolute() and base is not None:
-        path = Path(base) / path
-    return Path(os.path.normpath(path.absolute()))
-
-
-def _secret_file(path: Path, info: ValidationInfo) -> Path:
-    """A file holding a secret: it must exist and be readable by its owner only (mode 0600 or 0400)."""
-    path = _resolve(path, info)
-    try:
-        st = path.stat()
-    except OSError as exc:
-        raise ValueError(f"secret file {path} cannot be read: {exc.strerror}") from None
-    if not stat.S_ISREG(st.st_mode):
-        raise ValueError(f"secret file {path} is not a regular file")
-    if st.st_mode & 0o077:
-        raise ValueError(
-            f"secret file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must not be readable by group or "
-            f"others (chmod 600 {path})"
-        )
-    return path
-
-
-def _resolve_device(port: str, info: ValidationInfo) -> str:
-    return port if "://" in port else str(_resolve(Path(port), info))
-
-
-ResolvedPath = Annotated[Path, AfterValidator(_resolve)]
-SecretFile = Annotated[Path, AfterValidator(_secret_file)]
-
-
-class Section(BaseModel):
-    """Base of every section: unknown keys are errors, values are immutable once loaded."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class DeviceConfig(Section):
@@ -178,7 +141,7 @@ DEFAULT_OBD_SCHEDULE: dict[str, float] = {
 
 class ObdConfig(Section):
     enabled: bool = Field(False, description="Read the vehicle's OBD-II port through an ELM327 adapter.")
-    port: Annotated[str, AfterValidator(_resolve_device)] = Field(
+    port: Annotated[str, AfterValidator(resolve_device)] = Field(
         "/dev/ttyUSB0",
         min_length=1,
         description="Serial device of the ELM327 adapter (a relative path resolves against this file's folder; "
@@ -383,6 +346,17 @@ class Config(Section):
     trips: TripsConfig = TripsConfig()
     time: TimeConfig = TimeConfig()
     mqtt: MqttConfig = MqttConfig()
+    sessions: SessionsConfig = SessionsConfig()
+    keypad: KeypadConfig = KeypadConfig()
+    start_enable: StartEnableConfig = StartEnableConfig()
+
+    @model_validator(mode="after")
+    def _pin_access_complete(self) -> Config:
+        if self.sessions.enabled and self.device.secret_file is None:
+            raise ValueError("sessions.enabled needs device.secret_file (the key of the PIN hashes at rest)")
+        if self.sessions.signing_keys and self.sessions.enabled and not self.mqtt.enabled:
+            raise ValueError("sessions.signing_keys is for the MQTT downlink, but mqtt.enabled is false")
+        return self
 
 
 def _type_name(annotation: object) -> str:

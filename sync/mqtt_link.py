@@ -15,6 +15,7 @@ import json
 import logging
 import ssl
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiomqtt
@@ -116,9 +117,26 @@ class _Client(aiomqtt.Client):
             raise PublishRejected(f"broker refused the message on {topic}: {reason}")
 
 
-async def _until_disconnected(client: aiomqtt.Client) -> None:
-    async for _ in client.messages:  # nothing is subscribed yet; this returns only by raising on disconnect
-        pass
+Downlink = Callable[[bytes], Awaitable[None]]
+
+
+async def _serve_downlink(client: aiomqtt.Client, handlers: dict[str, Downlink]) -> None:
+    """Hand each downlink message to its topic's handler; returns only by raising on disconnect.
+
+    A handler's failure is logged and the link goes on: bad input from the broker never takes it down.
+    """
+    for topic in handlers:
+        await client.subscribe(topic, qos=1)
+    async for message in client.messages:
+        handler = handlers.get(str(message.topic))
+        if handler is None:
+            continue
+        payload = message.payload
+        data = payload if isinstance(payload, bytes) else str(payload if payload is not None else "").encode()
+        try:
+            await handler(data)
+        except Exception:
+            log.exception("downlink handler failed", extra={"topic": str(message.topic)})
 
 
 def tls_context(config: MqttConfig) -> ssl.SSLContext:
@@ -143,11 +161,20 @@ class Uplink:
     name = "uplink"
     expected_errors = (aiomqtt.MqttError, OSError)
 
-    def __init__(self, config: MqttConfig, topics: Topics, drain: Drain, health: Any) -> None:
+    def __init__(
+        self,
+        config: MqttConfig,
+        topics: Topics,
+        drain: Drain,
+        health: Any,
+        downlink: dict[str, Downlink] | None = None,
+    ) -> None:
         self._config = config
         self._topics = topics
         self._drain = drain
         self._health = health  # async () -> dict: the status to publish in the health message
+        self._downlink = {topics.downlink(name): handler for name, handler in (downlink or {}).items()}
+        self.connected = asyncio.Event()  # set on every connect; who cares about reconnects clears it
         self.online = False
         self.connected_since: float | None = None
         self.last_error: str | None = None
@@ -174,6 +201,7 @@ class Uplink:
             async with self._client() as client:
                 self.online = True
                 self.connected_since = time.time()
+                self.connected.set()
                 log.info("MQTT connected", extra={"broker": f"{cfg.host}:{cfg.port}", "tls": cfg.tls})
                 await self._publish_health(client)
                 drain = asyncio.create_task(
@@ -186,8 +214,11 @@ class Uplink:
                 )
                 # aiomqtt leaves a publish in flight waiting for its timeout when the connection drops; the
                 # message iterator, though, ends at once on a disconnect: it is the link's pulse.
-                tasks = [drain, asyncio.create_task(self._keep_health(client), name="mqtt-health"),
-                         asyncio.create_task(_until_disconnected(client), name="mqtt-watch")]  # fmt: skip
+                tasks = [
+                    drain,
+                    asyncio.create_task(self._keep_health(client), name="mqtt-health"),
+                    asyncio.create_task(_serve_downlink(client, self._downlink), name="mqtt-downlink"),
+                ]
                 try:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
                     for task in done:

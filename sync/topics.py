@@ -2,6 +2,7 @@
 
 {root}/{device}/up/{stream}      records of one outbox stream (telemetry, events, heartbeat, audit ...)
 {root}/{device}/health           retained: online with its status, or offline (the Last Will)
+{root}/{device}/down/{name}      downlink to the device (sessions: the signed, retained session set)
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ class Topics:
 
     def uplink(self, stream: str) -> str:
         return f"{self.base}/up/{stream}"
+
+    def downlink(self, name: str) -> str:
+        return f"{self.base}/down/{name}"
 
     @property
     def health(self) -> str:

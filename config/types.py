@@ -1,0 +1,48 @@
+"""Building blocks of the configuration schema: the section base and the path types every section uses."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
+
+
+def _resolve(path: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base_dir")
+    if not path.is_absolute() and base is not None:
+        path = Path(base) / path
+    return Path(os.path.normpath(path.absolute()))
+
+
+def _secret_file(path: Path, info: ValidationInfo) -> Path:
+    """A file holding a secret: it must exist and be readable by its owner only (mode 0600 or 0400)."""
+    path = _resolve(path, info)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise ValueError(f"secret file {path} cannot be read: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"secret file {path} is not a regular file")
+    if st.st_mode & 0o077:
+        raise ValueError(
+            f"secret file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must not be readable by group or "
+            f"others (chmod 600 {path})"
+        )
+    return path
+
+
+def resolve_device(port: str, info: ValidationInfo) -> str:
+    return port if "://" in port else str(_resolve(Path(port), info))
+
+
+ResolvedPath = Annotated[Path, AfterValidator(_resolve)]
+SecretFile = Annotated[Path, AfterValidator(_secret_file)]
+
+
+class Section(BaseModel):
+    """Base of every section: unknown keys are errors, values are immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
