@@ -1,0 +1,190 @@
+#!/usr/bin/env python3
+"""The cloud's side of the session downlink, for operators, development and the demo.
+
+    python tools/sim/cloud.py keygen --out DIR
+    python tools/sim/cloud.py pubkey --secret-file F [--create]
+    python tools/sim/cloud.py sign --signing-key F --device-key B64 --device ID --vin VIN --version N \\
+                                   --sessions FILE [--issued-at TS]
+    python tools/sim/cloud.py publish (the sign options) --host H [--port P] [--tls-ca CA --cert C --key K] \\
+                                   [--root fleetgate/v1]
+
+keygen   writes an Ed25519 signing key to DIR/signing.key (base64, mode 0600, never overwritten) and its public
+         key to DIR/signing.pub, and prints the public key: put it in the device's sessions.signing_keys.
+pubkey   prints the device's X25519 public key (what PINs are sealed to), derived from its secret file;
+         --create makes the secret file (32 random bytes, mode 0600) first if it does not exist.
+sign     prints the signed session-set message (docs/mqtt.md). --sessions is a JSON file: a list of sessions
+         or a REEF answer {"managed_sessions": [...]} for this VIN (id, vin, pin, initialization, completion,
+         verification_id; optional expires). --version must rise with every set; --issued-at defaults to now.
+publish  signs, then publishes retained at QoS 1 to {root}/{device}/down/sessions and waits for the PUBACK.
+
+Exit status 0, or 1 with a message naming what was wrong (2 for a bad command line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import json
+import os
+import ssl
+import stat
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from nacl.signing import SigningKey
+
+from fleetgate.sync.device_keys import (
+    DeviceSecretError,
+    device_public_key_b64,
+    generate_secret_file,
+    read_secret_file,
+)
+from fleetgate.sync.session_set import seal_session_set
+from fleetgate.sync.topics import Topics
+
+
+def _fail(message: str) -> SystemExit:
+    return SystemExit(f"cloud.py: {message}")
+
+
+def keygen(out: Path) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    key = SigningKey.generate()
+    public = base64.b64encode(bytes(key.verify_key)).decode("ascii")
+    try:
+        fd = os.open(out / "signing.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        raise _fail(f"{out / 'signing.key'} exists; not overwriting a signing key") from None
+    with os.fdopen(fd, "w") as fh:
+        os.fchmod(fd, 0o600)
+        fh.write(base64.b64encode(bytes(key)).decode("ascii") + "\n")
+    (out / "signing.pub").write_text(public + "\n")
+    return public
+
+
+def load_signing_key(path: Path) -> SigningKey:
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise _fail(f"signing key {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise _fail(f"signing key {path} has mode {mode:04o}; it must be readable by its owner only")
+    try:
+        seed = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        seed = b""
+    if len(seed) != 32:
+        raise _fail(f"signing key {path} is not a base64 Ed25519 seed of 32 bytes (made by keygen)")
+    return SigningKey(seed)
+
+
+def load_sessions(path: Path) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise _fail(f"sessions file {path}: {exc}") from None
+    if isinstance(data, dict) and "managed_sessions" in data:
+        data = data["managed_sessions"]
+    if not isinstance(data, list):
+        raise _fail(f"sessions file {path}: expected a list of sessions or {{'managed_sessions': [...]}}")
+    return data
+
+
+def sign(args: argparse.Namespace) -> bytes:
+    issued_at = datetime.now(UTC)
+    if args.issued_at:
+        try:
+            issued_at = datetime.fromisoformat(args.issued_at.replace("Z", "+00:00"))
+        except ValueError:
+            raise _fail(f"--issued-at {args.issued_at!r} is not an ISO 8601 time") from None
+    try:
+        return seal_session_set(
+            device=args.device,
+            vin=args.vin,
+            version=args.version,
+            issued_at=issued_at,
+            sessions=load_sessions(args.sessions),
+            signing_key=load_signing_key(args.signing_key),
+            device_public_key_b64=args.device_key,
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+async def publish(args: argparse.Namespace, payload: bytes) -> str:
+    import aiomqtt  # only this command needs it
+
+    tls = None
+    if args.tls_ca:
+        tls = ssl.create_default_context(cafile=args.tls_ca)
+        if args.cert:
+            tls.load_cert_chain(args.cert, args.key)
+    topic = Topics(args.root, args.device).downlink("sessions")
+    async with aiomqtt.Client(
+        args.host,
+        args.port,
+        identifier=f"fleetgate-cloud-sim-{os.getpid()}",
+        protocol=aiomqtt.ProtocolVersion.V5,
+        tls_context=tls,
+        timeout=args.timeout,
+    ) as client:
+        await client.publish(topic, payload, qos=1, retain=True, timeout=args.timeout)
+    return topic
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cloud.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("keygen", help="make an Ed25519 signing key")
+    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("pubkey", help="print a device's X25519 public key from its secret file")
+    p.add_argument("--secret-file", type=Path, required=True)
+    p.add_argument("--create", action="store_true", help="create the secret file if it does not exist")
+    for name in ("sign", "publish"):
+        p = sub.add_parser(name, help=f"{name} a session set")
+        p.add_argument("--signing-key", type=Path, required=True)
+        p.add_argument("--device-key", required=True, help="the device's X25519 public key (base64)")
+        p.add_argument("--device", required=True)
+        p.add_argument("--vin", required=True)
+        p.add_argument("--version", type=int, required=True)
+        p.add_argument("--sessions", type=Path, required=True)
+        p.add_argument("--issued-at", help="ISO 8601, UTC if no offset (default: now)")
+    p.add_argument("--host", required=True)
+    p.add_argument("--port", type=int, default=8883)
+    p.add_argument("--tls-ca", help="CA file: connect with TLS (without it: plain MQTT)")
+    p.add_argument("--cert", help="client certificate (PEM), with --tls-ca")
+    p.add_argument("--key", help="client certificate's key (PEM)")
+    p.add_argument("--root", default="fleetgate/v1", help="topic root")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds for connect and PUBACK")
+    args = parser.parse_args(argv)
+
+    if args.command == "keygen":
+        print(keygen(args.out))
+    elif args.command == "pubkey":
+        if args.create and not args.secret_file.exists():
+            generate_secret_file(args.secret_file)
+        try:
+            print(device_public_key_b64(read_secret_file(args.secret_file)))
+        except DeviceSecretError as exc:
+            raise _fail(str(exc)) from None
+    elif args.command == "sign":
+        sys.stdout.write(sign(args).decode("ascii") + "\n")
+    else:
+        if args.cert and not args.tls_ca:
+            parser.error("--cert needs --tls-ca")
+        payload = sign(args)
+        try:
+            topic = asyncio.run(publish(args, payload))
+        except Exception as exc:  # aiomqtt.MqttError, ssl and OS errors: one line, no traceback
+            raise _fail(f"publish to {args.host}:{args.port} failed: {exc}") from None
+        print(f"published {len(payload)} bytes, retained, QoS 1, to {topic}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
