@@ -131,6 +131,20 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
 
         gps_view = GpsSampler(config.gps, clock, sink, trips)
         components.append(gps_view)
+    pin_access = None
+    if config.sessions.enabled:
+        from fleetgate.daemon import pin_access as pin_wiring
+        from fleetgate.sync.device_keys import DeviceSecretError
+
+        try:
+            pin_access = await pin_wiring.build(config, outbox, state, clock, events, sink, boot_id)
+        except (DeviceSecretError, OSError) as exc:
+            log.error("cannot start PIN access", extra={"error": str(exc)})
+            await database.close()
+            return EXIT_FAILURE
+        components.extend(pin_access.components)
+        for name, handler in pin_access.control.items():
+            control.register(name, handler)
     if config.mqtt.enabled:
         from fleetgate.sync.drain import Drain
         from fleetgate.sync.mqtt_link import Uplink
@@ -146,8 +160,16 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
             mq.live_share,
             database.store_id,
         )
-        status.uplink = Uplink(mq, Topics(mq.topic_root, config.device.id), drain, lambda: _health(status))
+        status.uplink = Uplink(
+            mq,
+            Topics(mq.topic_root, config.device.id),
+            drain,
+            lambda: _health(status),
+            pin_access.downlink if pin_access else None,
+        )
         components.append(status.uplink)
+        if pin_access is not None and pin_access.reef is not None:
+            pin_access.reef.reconnected = status.uplink.connected
         control.register("sync", lambda args: _sync_now(drain))
     control.register("queue", lambda args: _queue(outbox))
     control.register("obd", lambda args: obd_view.snapshot() if obd_view else {"enabled": False})

@@ -25,12 +25,19 @@ STREAM = "telemetry"
 MAX_HELD_FACTOR = 10  # readings held in memory while the store fails, in units of max_pending
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
-# The payload is {"signal":…,"value":…,"unit":…}; the parts around the value are fixed per signal, so they
-# are encoded once. This is the hot path of every reading (see tools/bench/ingest.py).
-_TEMPLATES = {
-    name: (f'{{"signal":{_dumps(name)},"value":', f',"unit":{_dumps(meta.unit)}}}', meta.unit)
-    for name, meta in CATALOGUE.items()
-}
+
+def _templates(session: int | None) -> dict[str, tuple[str, str, str]]:
+    """The payload is {"signal":…,"value":…,"unit":…[,"session":id]}; the parts around the value are fixed
+    per signal (and managed session), so they are encoded once. This is the hot path of every reading (see
+    tools/bench/ingest.py)."""
+    tail = "}" if session is None else f',"session":{int(session)}}}'
+    return {
+        name: (f'{{"signal":{_dumps(name)},"value":', f',"unit":{_dumps(meta.unit)}{tail}', meta.unit)
+        for name, meta in CATALOGUE.items()
+    }
+
+
+_TEMPLATES = _templates(None)
 
 
 def _encode_value(value: Any) -> str:
@@ -65,6 +72,8 @@ class ReadingSink:
         self._room = asyncio.Event()
         self._flushing = asyncio.Lock()
         self.latest: dict[str, Latest] = {}
+        self.session: int | None = None
+        self._templates = _TEMPLATES
         self.taken = 0
         self.committed = 0
         self.rejected = 0
@@ -72,7 +81,7 @@ class ReadingSink:
 
     def add(self, signal: str, value: Any, stamp: Stamp | None = None) -> None:
         """Take one reading of a catalogue signal; its unit comes from the catalogue."""
-        template = _TEMPLATES.get(signal)
+        template = self._templates.get(signal)
         if template is None:
             raise ValueError(f"unknown signal {signal!r}")
         prefix, suffix, unit = template
@@ -88,6 +97,12 @@ class ReadingSink:
         self.taken += 1
         if len(self._pending) >= self._max_pending:
             self._full.set()
+
+    def set_session(self, session: int | None) -> None:
+        """Tag readings taken from now on with this managed session's id (REEF session telemetry), or none."""
+        if session != self.session:
+            self.session = session
+            self._templates = _templates(session)
 
     async def flush(self) -> int:
         """Commit every reading taken so far (waiting for a flush already under way); returns how many."""

@@ -58,6 +58,10 @@ class StartEnable(Protocol):
         """The last state commanded successfully (False after a failed ``set``)."""
         ...
 
+    async def open(self) -> None:
+        """Take the device and drive it off; OutputError naming the device if it cannot be."""
+        ...
+
     async def set(self, enabled: bool) -> None:
         """Switch the output; OutputError if the device could not be told."""
         ...

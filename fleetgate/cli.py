@@ -58,6 +58,18 @@ def _parser() -> argparse.ArgumentParser:
     sync_sub = sync.add_subparsers(dest="sync_command", required=True, metavar="ACTION")
     sync_sub.add_parser("now", help="wake the drain at once instead of at its next poll")
 
+    ses = sub.add_parser(
+        "sessions", help="managed sessions: ids, state, sync version and age, lockout (no PINs)"
+    )
+    ses.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    pin = sub.add_parser("pin", help="PIN access actions")
+    pin_sub = pin.add_subparsers(dest="pin_command", required=True, metavar="ACTION")
+    pin_sub.add_parser(
+        "test",
+        help="check a PIN against the synchronized sessions without switching start-enable (asks for the PIN "
+        "without echo, or reads one line from standard input; a wrong PIN counts towards the lockout)",
+    )
+
     sub.add_parser("signals", help="the signal catalogue: names, units, sources, REEF/Vinli names (Markdown)")
 
     cfg = sub.add_parser("config", help="check a configuration file or show the schema")
@@ -138,6 +150,32 @@ def _sync(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_pin() -> str:
+    """The PIN from the terminal without echo, or one line of standard input; never from the command line,
+    where it would land in the shell history and in /proc/*/cmdline."""
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("PIN: ")
+    return sys.stdin.readline().strip()
+
+
+def _pin(args: argparse.Namespace) -> int:
+    pin = _read_pin()
+    if not pin.isdigit() or not 4 <= len(pin) <= 32:
+        print("fleetgate: a PIN is 4 to 32 digits", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        result = _ask(args, "pin-test", {"pin": pin})
+    except ControlError as exc:
+        if exc.code == "unknown-command":
+            print("fleetgate: PIN access is disabled ([sessions] enabled = false)", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
+    print(render.pin_test(result))
+    return 0 if result.get("outcome") == "accepted" else EXIT_FAILURE
+
+
 def _cmd_signals(args: argparse.Namespace) -> int:
     from fleetgate.daemon.signals import signals_markdown
 
@@ -167,6 +205,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "gps": _view("gps", render.gps),
     "queue": _view("queue", render.queue),
     "sync": lambda args: _sync(args),
+    "sessions": _view("sessions", render.sessions),
+    "pin": _pin,
     "signals": _cmd_signals,
     "config": _cmd_config,
 }

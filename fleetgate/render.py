@@ -190,3 +190,63 @@ def queue(q: dict[str, Any]) -> str:
             ]
         )
     return "outbox:\n" + table(["STREAM", "DEPTH", "SIZE", "QUOTA", "OLDEST", "EVICTED"], rows)
+
+
+def _moment(ns: int | None) -> str:
+    if ns is None:
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ns / 1e9)) + "Z"
+
+
+def sessions(s: dict[str, Any]) -> str:
+    if not s.get("enabled", True):
+        return "managed sessions: disabled"
+    mark = s.get("sync") or {}
+    access = s["access"]
+    lockout = access["lockout"]
+    lines = [
+        f"vehicle:       {s['vin']}",
+        "last sync:     "
+        + (
+            f"{mark['source']} {duration(access['offline_age_s'])} ago, set version {mark.get('mqtt_version') or '-'}"
+            if mark
+            else "never"
+        ),
+        f"offline limit: {duration(access['max_offline_age_s'])}",
+        "start-enable:  "
+        + ("ON" if access["start_enable"]["on"] else "off")
+        + (f" (session {access['enabled_by']})" if access["enabled_by"] is not None else "")
+        + (" - switch-off deferred until the vehicle stops" if access["off_deferred"] else "")
+        + f"  [{access['start_enable']['output']}]",
+        "lockout:       "
+        + (
+            f"LOCKED for {duration(lockout['remaining_s'])}"
+            if lockout["locked"]
+            else f"{lockout['failures']} of {lockout['max_failures']} wrong PINs"
+        ),
+    ]
+    rows = [
+        [
+            str(x["id"]),
+            x["state"] + (f" ({x['refused']})" if x.get("refused") and x["state"] == "active" else ""),
+            x["verification_id"],
+            _moment(x["initialization_ns"]),
+            _moment(x["completion_ns"]) if x["completion_ns"] else "-",
+            _moment(x["expires_ns"]),
+        ]
+        for x in s["sessions"]
+    ]
+    return (
+        "\n".join(lines)
+        + "\n\n"
+        + table(["ID", "STATE", "VERIFICATION", "STARTED", "ENDED", "EXPIRES"], rows)
+    )
+
+
+def pin_test(r: dict[str, Any]) -> str:
+    if r["outcome"] == "accepted":
+        return f"accepted: session {r['session_id']} (verification {r['verification_id']}); start-enable not switched"
+    if r["outcome"] == "locked-out":
+        return f"locked out: try again in {duration(r.get('retry_after_s'))}"
+    extra = f", lockout started: {duration(r['lockout_started_s'])}" if r.get("lockout_started_s") else ""
+    return f"refused: {r.get('reason')}{extra}"

@@ -41,7 +41,13 @@ DOC = ROOT / "docs" / "mqtt.md"
 DEVICE = "test-0001"
 TOPIC_ROOT = "fleetgate/v1"
 # docs/mqtt.md, "Topics": the schema of each record's `data`, by stream.
-STREAM_SCHEMA = {"telemetry": "telemetry", "events": "event", "heartbeat": "heartbeat"}
+STREAM_SCHEMA = {
+    "telemetry": "telemetry",
+    "events": "event",
+    "heartbeat": "heartbeat",
+    "audit": "audit",
+    "sessions-ack": "sessions-ack",
+}
 ZLIB = ("content-encoding", "zlib")
 
 
@@ -85,14 +91,21 @@ def doc_blocks() -> tuple[dict[str, dict], list[tuple[str, Any]], str]:
 SCHEMAS, EXAMPLES, SKETCH = doc_blocks()
 
 
-def closed(schema: Any) -> Any:
-    """A copy in which every object schema that lists properties allows no others."""
+def closed(schema: Any, *, top: bool = True) -> Any:
+    """A copy in which every object schema that lists properties allows no others.
+
+    A schema with ``oneOf`` branches is closed as a whole (``unevaluatedProperties``): a property named by
+    the schema itself or by the branch that matched is allowed, nothing else.
+    """
     if isinstance(schema, list):
         return [closed(s) for s in schema]
     if not isinstance(schema, dict):
         return schema
-    out = {k: closed(v) for k, v in schema.items()}
-    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
+    out = {k: closed(v) for k, v in schema.items() if k != "oneOf"}
+    if "oneOf" in schema:
+        out["oneOf"] = [closed(branch, top=False) for branch in schema["oneOf"]]
+        out.setdefault("unevaluatedProperties", False)
+    elif top and isinstance(out.get("properties"), dict) and "additionalProperties" not in out:
         out["additionalProperties"] = False
     return out
 

@@ -1,0 +1,198 @@
+"""The vehicle's managed sessions as last synchronized: what the PIN check trusts when there is no coverage.
+
+Two channels bring a session set (the signed MQTT downlink and the REEF pull); both are merged here by the
+same rules, so it does not matter which arrives first or late:
+
+- An ended session stays ended. REEF ends a session once and starts a new one with a new id, so nothing
+  can bring an ended session back: not a late retained message, not a REEF answer that was in flight.
+- A session the set does not list is ended ("removed"), but only if it had started by the time the set
+  was made (``as_of``, the cloud's clock): an old set knows nothing of a session started after it and must
+  not end it.
+- PINs are kept only as a keyed hash (``device_keys.hash_pin``), salted by the session id.
+
+Persisted as one JSON value in the store's state table, written in the same transaction as the
+acknowledgement that reports it (see ``session_sync``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Protocol
+
+from fleetgate.sync.device_keys import hash_pin
+
+STATE_KEY = "sessions.book"
+KEEP_ENDED = 50  # ended sessions remembered (so that a late message cannot revive them); oldest dropped
+
+
+class IncomingSession(Protocol):
+    """A session as a channel delivers it (``session_set.SessionGrant``, ``reef.ManagedSession``)."""
+
+    id: int
+    verification_id: str
+    initialization: datetime
+    completion: datetime | None  # None: active
+    pin: str | None
+
+
+def _ns(moment: datetime | None) -> int | None:
+    return None if moment is None else int(moment.timestamp() * 1_000_000) * 1000
+
+
+@dataclass(frozen=True)
+class LocalSession:
+    id: int
+    verification_id: str
+    initialization_ns: int
+    completion_ns: int | None = None  # as the cloud reported it
+    expires_ns: int | None = None  # hard end, enforced when wall time is trusted (MQTT sets only)
+    pin_hash: bytes | None = field(default=None, repr=False)
+    ended: str | None = None  # None while active; "completed" or "removed"
+
+    @property
+    def state(self) -> str:
+        return "active" if self.ended is None else "ended"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "verification_id": self.verification_id,
+            "initialization_ns": self.initialization_ns,
+            "completion_ns": self.completion_ns,
+            "expires_ns": self.expires_ns,
+            "pin_hash": None if self.pin_hash is None else self.pin_hash.hex(),
+            "ended": self.ended,
+        }
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> LocalSession:
+        pin_hash = raw.get("pin_hash")
+        return cls(
+            int(raw["id"]),
+            str(raw["verification_id"]),
+            int(raw["initialization_ns"]),
+            raw.get("completion_ns"),
+            raw.get("expires_ns"),
+            None if pin_hash is None else bytes.fromhex(pin_hash),
+            raw.get("ended"),
+        )
+
+
+@dataclass(frozen=True)
+class Change:
+    id: int
+    verification_id: str
+    before: str | None  # None: new to the vehicle
+    after: str
+
+
+@dataclass(frozen=True)
+class SyncMark:
+    """What the book was last synchronized from."""
+
+    source: str  # "mqtt" or "reef"
+    wall_ns: int  # device wall time of the sync
+    wall_trusted: bool
+    mqtt_version: int | None = None
+    mqtt_issued: str | None = None  # ISO 8601 issue time of the last applied signed set
+    mqtt_digest: str | None = None  # hex sha256 of the last applied signed body
+
+
+@dataclass
+class SessionBook:
+    sessions: dict[int, LocalSession] = field(default_factory=dict)
+    mark: SyncMark | None = None
+
+    def active(self) -> list[LocalSession]:
+        return [s for s in self.sessions.values() if s.ended is None]
+
+    def merge(
+        self,
+        incoming: Iterable[IncomingSession],
+        as_of_ns: int,
+        pin_key: bytes,
+        expires: dict[int, int | None],
+    ) -> list[Change]:
+        """Apply a full session set of this vehicle; returns what changed (state transitions only)."""
+        changes: list[Change] = []
+        listed: set[int] = set()
+        for new in incoming:
+            listed.add(new.id)
+            old = self.sessions.get(new.id)
+            if old is not None and old.ended is not None:
+                continue  # ended for good
+            completion = _ns(new.completion)
+            if completion is not None:
+                ended = LocalSession(
+                    new.id,
+                    new.verification_id,
+                    _ns(new.initialization) or 0,
+                    completion,
+                    None,
+                    None,
+                    "completed",
+                )
+                self.sessions[new.id] = ended
+                changes.append(Change(new.id, new.verification_id, old.state if old else None, "ended"))
+                continue
+            pin_hash = hash_pin(pin_key, new.id, new.pin) if new.pin is not None else None
+            if pin_hash is None and old is not None:
+                pin_hash = old.pin_hash
+            self.sessions[new.id] = LocalSession(
+                new.id,
+                new.verification_id,
+                _ns(new.initialization) or 0,
+                None,
+                expires.get(new.id),
+                pin_hash,
+                None,
+            )
+            if old is None:
+                changes.append(Change(new.id, new.verification_id, None, "active"))
+        for session in list(self.sessions.values()):
+            if session.id in listed or session.ended is not None:
+                continue
+            if session.initialization_ns <= as_of_ns:
+                self.sessions[session.id] = replace(session, ended="removed", pin_hash=None)
+                changes.append(Change(session.id, session.verification_id, "active", "ended"))
+        self._forget_old_ended()
+        return changes
+
+    def _forget_old_ended(self) -> None:
+        ended = sorted((s for s in self.sessions.values() if s.ended), key=lambda s: s.initialization_ns)
+        for session in ended[: max(0, len(ended) - KEEP_ENDED)]:
+            del self.sessions[session.id]
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "sessions": [s.as_json() for s in sorted(self.sessions.values(), key=lambda s: s.id)],
+            "mark": None if self.mark is None else self.mark.__dict__,
+        }
+
+    @classmethod
+    def from_json(cls, raw: Any) -> SessionBook:
+        if not isinstance(raw, dict):
+            return cls()
+        book = cls({s.id: s for s in (LocalSession.from_json(r) for r in raw.get("sessions") or [])})
+        if isinstance(raw.get("mark"), dict):
+            book.mark = SyncMark(**raw["mark"])
+        return book
+
+
+def ack_body(
+    book: SessionBook, vin: str, source: str, version: int | None, changes: Sequence[Change]
+) -> dict[str, Any]:
+    """The acknowledgement published after a change: every session's id and state, so the cloud can tell
+    whether the vehicle holds its current set (REEF's ``/synchronized``)."""
+    return {
+        "vin": vin,
+        "source": source,
+        "version": version,
+        "sessions": [
+            {"id": s.id, "verification_id": s.verification_id, "state": s.state}
+            for s in sorted(book.sessions.values(), key=lambda s: s.id)
+        ],
+        "changed": [{"id": c.id, "from": c.before, "to": c.after} for c in changes],
+    }

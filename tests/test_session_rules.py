@@ -1,0 +1,128 @@
+"""The rules of the PIN path that need no hardware: merging session sets from two channels, the offline
+policy, and the lockout. The daemon-level tests (tests/test_access_daemon.py) run the same rules end to end."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+from fleetgate.daemon.lockout import Lockout, LockoutPolicy
+from fleetgate.daemon.session_book import LocalSession, SessionBook, SyncMark
+from fleetgate.daemon.session_policy import OfflineAge, refusal_reason
+from fleetgate.sync.device_keys import pin_matches
+
+KEY = bytes(range(32))
+T0 = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)
+S = 1_000_000_000
+
+
+@dataclass
+class Incoming:
+    id: int
+    verification_id: str
+    initialization: datetime
+    completion: datetime | None = None
+    pin: str | None = None
+
+
+def ns(moment: datetime) -> int:
+    return int(moment.timestamp()) * S
+
+
+def test_a_new_active_session_is_kept_as_a_keyed_hash_only():
+    book = SessionBook()
+    changes = book.merge([Incoming(3, "v3", T0, pin="633911")], ns(T0), KEY, {})
+    assert [(c.id, c.before, c.after) for c in changes] == [(3, None, "active")]
+    stored = book.sessions[3]
+    assert stored.pin_hash is not None and b"633911" not in stored.pin_hash
+    assert "633911" not in repr(stored) and "633911" not in str(book.as_json())
+    assert pin_matches(KEY, 3, "633911", stored.pin_hash)
+    assert not pin_matches(KEY, 3, "633912", stored.pin_hash)
+
+
+def test_an_ended_session_never_comes_back():
+    """Guards against a late retained message (or a REEF answer in flight) re-opening a finished rental."""
+    book = SessionBook()
+    book.merge([Incoming(3, "v3", T0, pin="633911")], ns(T0), KEY, {})
+    book.merge([Incoming(3, "v3", T0, completion=T0 + timedelta(hours=1))], ns(T0 + timedelta(hours=1)), KEY, {})
+    assert book.sessions[3].state == "ended" and book.sessions[3].pin_hash is None
+    changes = book.merge([Incoming(3, "v3", T0, pin="633911")], ns(T0), KEY, {})
+    assert changes == [] and book.sessions[3].state == "ended"
+
+
+def test_a_session_missing_from_a_newer_set_ends_but_an_older_set_cannot_end_a_newer_session():
+    book = SessionBook()
+    book.merge([Incoming(3, "v3", T0, pin="111111")], ns(T0), KEY, {})
+    # A set made before session 4 started does not list it: it must not end it.
+    book.merge([Incoming(4, "v4", T0 + timedelta(minutes=10), pin="222222")], ns(T0 + timedelta(minutes=10)), KEY, {})
+    assert book.sessions[3].state == "ended" and book.sessions[3].ended == "removed"
+    changes = book.merge([Incoming(3, "v3", T0, pin="111111")], ns(T0 + timedelta(minutes=5)), KEY, {})
+    assert book.sessions[4].state == "active", "an older set ended a session it could not know"
+    assert book.sessions[3].state == "ended" and changes == []
+
+
+def test_the_book_survives_a_round_trip_through_json():
+    book = SessionBook()
+    book.merge([Incoming(3, "v3", T0, pin="633911"), Incoming(2, "v2", T0, T0)], ns(T0), KEY, {3: ns(T0) + 3600 * S})
+    book.mark = SyncMark("mqtt", ns(T0), True, 7, T0.isoformat(), "ab" * 32)
+    again = SessionBook.from_json(book.as_json())
+    assert again.sessions == book.sessions and again.mark == book.mark
+    assert again.sessions[3].expires_ns == ns(T0) + 3600 * S
+
+
+def _session(**kw) -> LocalSession:
+    base = {"id": 1, "verification_id": "v", "initialization_ns": 0, "pin_hash": b"x" * 32}
+    return LocalSession(**{**base, **kw})
+
+
+def test_offline_policy():
+    now = ns(T0)
+    ok = {"now_wall_ns": now, "wall_trusted": True, "offline_age_s": 10.0, "max_offline_age_s": 3600.0}
+    assert refusal_reason(_session(), **ok) is None
+    assert refusal_reason(_session(ended="completed"), **ok) == "ended"
+    assert refusal_reason(_session(expires_ns=now - 1), **ok) == "expired"
+    # An untrusted clock cannot end (or extend) a session by its expiry: only the offline age applies.
+    assert refusal_reason(_session(expires_ns=now - 1), **{**ok, "wall_trusted": False}) is None
+    assert refusal_reason(_session(), **{**ok, "offline_age_s": 3601.0}) == "sync-too-old"
+
+
+def test_offline_age_counts_running_time_across_restarts_and_never_resets_without_a_sync():
+    age = OfflineAge(0.0, 0)
+    assert age.age_s(100 * S, 0, False, None) == 100
+    saved = age.as_state(100 * S)
+    # A restart (even a reboot: the monotonic clock starts again) carries the saved age on.
+    again = OfflineAge.restore(saved, 5 * S, ever_synced=True)
+    assert again.age_s(15 * S, 0, False, None) == 110
+    # With trusted wall time on both ends, the wall-clock age counts too (time powered off included).
+    mark = SyncMark("reef", ns(T0), True)
+    assert again.age_s(15 * S, ns(T0) + 7200 * S, True, mark) == 7200
+    # A lost age after a sync is the worst case, not zero.
+    assert OfflineAge.restore(None, 0, ever_synced=True).age_s(0, 0, False, None) == float("inf")
+    again.synced(20 * S)
+    assert again.age_s(25 * S, 0, False, None) == 5
+
+
+def test_lockout_grows_and_survives_a_restart():
+    policy = LockoutPolicy(max_failures=3, base_delay_s=10, max_delay_s=25)
+    lock = Lockout(policy, "boot-a")
+    assert lock.failed(0) == 0 and lock.failed(0) == 0
+    assert lock.failed(0) == 10 and lock.locked(5 * S) and not lock.locked(10 * S)
+    for _ in range(2):
+        lock.failed(11 * S)
+    assert lock.failed(11 * S) == 20, "the second lockout doubles"
+    saved = lock.as_state()
+    same_boot = Lockout.restore(policy, "boot-a", saved, 12 * S)
+    assert same_boot.remaining_s(12 * S) == 19
+    rebooted = Lockout.restore(policy, "boot-b", saved, 1 * S)
+    assert rebooted.remaining_s(1 * S) == 20, "a reboot restarts the lockout for its full length"
+    for _ in range(3):
+        rebooted.failed(40 * S)
+    assert rebooted.remaining_s(40 * S) == 25, "capped at max_delay_s"
+    rebooted.succeeded()
+    assert not rebooted.locked(40 * S) and rebooted.lockouts == 0
+
+
+def test_a_garbled_saved_lockout_is_not_an_error():
+    policy = LockoutPolicy()
+    assert not Lockout.restore(policy, "b", {"failures": "x", "locked_until_mono_ns": "y"}, 0).locked(0)
+    assert Lockout.restore(policy, "b", {"failures": -3}, 0).failures == 0
