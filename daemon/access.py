@@ -25,7 +25,7 @@ from fleetgate.daemon.lockout import Lockout
 from fleetgate.daemon.session_book import SessionBook
 from fleetgate.daemon.session_policy import STATE_KEY as AGE_KEY
 from fleetgate.daemon.session_policy import OfflineAge, refusal_reason
-from fleetgate.drivers.output import StartEnable
+from fleetgate.drivers.output import OutputError, StartEnable
 from fleetgate.sync.device_keys import pin_matches
 from fleetgate.sync.store import NewRecord, Outbox, Priority
 
@@ -132,7 +132,14 @@ class AccessController:
         if reason is None:
             self.lockout.succeeded()
             if actuate:
-                await self._output.set(True)
+                try:
+                    await self._output.set(True)
+                except OutputError as exc:
+                    # A right PIN and a relay that cannot be told: no lockout count, and the audit says why.
+                    log.error("start-enable failed", extra={"error": str(exc)})
+                    decision = Decision("refused", "output-fault", session.id, session.verification_id)
+                    await self._audit("pin-refused", decision, source, {LOCKOUT_KEY: self.lockout.as_state()})
+                    return decision
                 self.enabled_by = session.id
                 self.off_deferred = False
             decision = Decision("accepted", None, session.id, session.verification_id)

@@ -145,6 +145,8 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
         components.extend(pin_access.components)
         for name, handler in pin_access.control.items():
             control.register(name, handler)
+    else:
+        control.register("sessions", lambda args: {"enabled": False})
     if config.mqtt.enabled:
         from fleetgate.sync.drain import Drain
         from fleetgate.sync.mqtt_link import Uplink

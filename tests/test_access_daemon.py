@@ -367,3 +367,17 @@ def test_the_pin_is_in_no_log_and_not_in_the_database_file(rig):
         data = path.read_bytes()
         assert PIN.encode() not in data and WRONG_PIN.encode() not in data, f"PIN digits in {path}"
         assert PIN.encode("utf-16-le") not in data
+
+
+def test_an_unplugged_relay_refuses_with_output_fault_without_counting_and_recovers(rig):
+    rig.cloud.publish(rig.cloud.sign([session(3)]))
+    wait_until("set applied", lambda: synced_version(rig.daemon) == 1)
+    rig.relay.kill()
+    assert type_pin(rig.keypad, PIN) == b"R\n"
+    wait_until(
+        "output fault audited", lambda: any(a.get("reason") == "output-fault" for a in audit(rig.consumer))
+    )
+    assert sessions(rig.daemon)["access"]["lockout"]["failures"] == 0, "a relay fault is not a wrong PIN"
+    rig.relay.restart()
+    assert type_pin(rig.keypad, PIN) == b"G\n"
+    rig.relay.expect(RELAY_ON, timeout=20)
