@@ -17,6 +17,7 @@ import paho.mqtt.client as paho
 import pytest
 from nacl.signing import SigningKey
 from paho.mqtt.enums import CallbackAPIVersion
+from test_mqtt_contract import check_envelope
 from test_uplink_daemon import decode
 
 from fleetgate.sync.device_keys import device_public_key_b64, generate_secret_file
@@ -164,20 +165,23 @@ def type_pin(keypad, pin: str) -> bytes:
     return keypad.expect(b"\n", timeout=20)
 
 
-def acks(consumer) -> list[dict[str, Any]]:
+def records(consumer, stream: str) -> list[dict[str, Any]]:
+    """The `data` of every record on ``stream``, each message checked against docs/mqtt.md (strictly)."""
     out = []
     for topic, payload, _q, _r, props in consumer.messages:
-        if topic.endswith("/up/sessions-ack"):
-            out += [r["data"] for r in decode(topic, payload, props)["records"]]
+        if topic.endswith(f"/up/{stream}"):
+            envelope = decode(topic, payload, props)
+            check_envelope(envelope, topic=topic)
+            out += [r["data"] for r in envelope["records"]]
     return out
+
+
+def acks(consumer) -> list[dict[str, Any]]:
+    return records(consumer, "sessions-ack")
 
 
 def audit(consumer) -> list[dict[str, Any]]:
-    out = []
-    for topic, payload, _q, _r, props in consumer.messages:
-        if topic.endswith("/up/audit"):
-            out += [r["data"] for r in decode(topic, payload, props)["records"]]
-    return out
+    return records(consumer, "audit")
 
 
 @dataclass
@@ -276,6 +280,10 @@ def test_forged_unsigned_replayed_and_old_sets_change_nothing(rig):
     assert type_pin(rig.keypad, OTHER_PIN) == b"G\n"
     for reason in expected:
         assert f"reason={reason}" in rig.daemon.log or f'"reason": "{reason}"' in rig.daemon.log, reason
+    reported = lambda: {  # noqa: E731
+        e["reason"] for e in records(rig.consumer, "events") if e["event"] == "session-set-rejected"
+    }
+    wait_until("rejections reported to the cloud", lambda: reported() >= expected)
 
 
 def test_brute_force_hits_the_lockout_which_survives_a_restart_as_do_the_sessions(rig, start_daemon):
