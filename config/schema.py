@@ -306,6 +306,12 @@ class MqttConfig(Section):
         description="Share of messages that carry the newest telemetry while a backlog drains, so live data "
         "overtakes the backlog.",
     )
+    pack_offline: bool = Field(
+        True,
+        description="While the broker is unreachable, seal the telemetry backlog into ready-made compressed "
+        "messages (a message's worth at a time), so it drains at link speed when coverage returns and takes "
+        "less disk under its quota.",
+    )
 
     @model_validator(mode="after")
     def _tls_needs_a_key(self) -> MqttConfig:

@@ -170,6 +170,18 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
             pin_access.downlink if pin_access else None,
         )
         components.append(status.uplink)
+        if mq.pack_offline:
+            from fleetgate.sync.packer import Packer
+
+            status.packer = Packer(
+                outbox,
+                drain,
+                config.device.id,
+                database.store_id,
+                mq.max_message_bytes,
+                mq.compress_min_bytes,
+            )
+            components.append(status.packer)
         if pin_access is not None and pin_access.reef is not None:
             pin_access.reef.reconnected = status.uplink.connected
         control.register("sync", lambda args: _sync_now(drain))

@@ -23,6 +23,7 @@ class StatusSource:
     outbox: Outbox
     started_mono: float
     uplink: Any = None  # fleetgate.sync.mqtt_link.Uplink when MQTT is enabled
+    packer: Any = None  # fleetgate.sync.packer.Packer when it seals the backlog offline
 
     async def snapshot(self) -> dict[str, Any]:
         trust = self.clock.trust
@@ -37,6 +38,8 @@ class StatusSource:
             "components": self.supervisor.status_dicts(),
             "outbox": {
                 "total": sum(d.depth for d in depth),
+                "packed": sum(d.packed for d in depth),
+                "packer": None if self.packer is None else self.packer.snapshot(),
                 "commits": self.outbox.commits,
                 "records_committed": self.outbox.records_committed,
                 "streams": streams,
@@ -83,6 +86,7 @@ def stream_rows(depth: list[StreamDepth], quotas: dict[str, int]) -> list[dict[s
         {
             "stream": d.stream,
             "depth": d.depth,
+            "packed": d.packed,
             "last_seq": d.last_seq,
             "oldest_wall_ns": d.oldest_wall_ns,
             "bytes": d.bytes,

@@ -183,13 +183,14 @@ def queue(q: dict[str, Any]) -> str:
             [
                 st["stream"],
                 str(st["depth"]),
+                str(st.get("packed", 0)),
                 f"{st['bytes'] / 2**20:.2f} MiB",
                 quota,
                 oldest,
                 str(st["evicted"]) + flag,
             ]
         )
-    return "outbox:\n" + table(["STREAM", "DEPTH", "SIZE", "QUOTA", "OLDEST", "EVICTED"], rows)
+    return "outbox:\n" + table(["STREAM", "DEPTH", "PACKED", "SIZE", "QUOTA", "OLDEST", "EVICTED"], rows)
 
 
 def _moment(ns: int | None) -> str:

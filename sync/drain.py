@@ -2,11 +2,12 @@
 records deleted only after the broker acknowledged them (PUBACK).
 
 Two lanes share the in-flight window. The backlog lane walks the outbox in drain order (priority, then age)
-with a cursor; the live lane takes records appended since the drain began, so while a day of backlog drains
-a new reading still goes out within seconds (``live_share`` of the messages). A record taken by one lane is
-never taken by the other while in flight. On any publish failure the drain stops (the link is presumed
-dead); the next run starts from the outbox again, so what was in flight is sent again: at-least-once, with
-(device, stream, seq) to drop duplicates.
+with a cursor, publishing sealed segments (the oldest telemetry, packed ahead while offline: see
+sync/store/segments.py) as they are, before the telemetry rows. The live lane takes records appended since
+the drain began, so while a day of backlog drains a new reading still goes out within seconds
+(``live_share`` of the messages). A record taken by one lane is never taken by the other while in flight.
+On any publish failure the drain stops (the link is presumed dead); the next run starts from the outbox
+again, so what was in flight is sent again: at-least-once, with (device, stream, seq) to drop duplicates.
 
 Acknowledged ids are deleted in coalesced transactions; one lost in a crash is merely sent again.
 """
@@ -20,16 +21,18 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from fleetgate.sync.envelope import Message, pack_rows
-from fleetgate.sync.store import Outbox
+from fleetgate.sync.store import Outbox, Priority
+from fleetgate.sync.store.wire import EncodedRow
 
 log = logging.getLogger(__name__)
 
 Publish = Callable[[Message], Awaitable[None]]
 FETCH = 2000  # records read from the outbox per query
-ACK_FLUSH_S = 0.2
-ACK_FLUSH_IDS = 5000
+FETCH_SEGMENTS = 32  # sealed segments (a message each) read per query
+ACK_FLUSH_S = 0.2  # acknowledged records are deleted this often (one commit), and once the backlog is out
 IDLE_POLL_S = 1.0
 
 
@@ -78,17 +81,27 @@ class Drain:
         self._live_every = 0 if live_share <= 0 else max(1, round(1 / live_share))
         self.stats = DrainStats()
         self.wake = asyncio.Event()  # "sync now"
+        self.lock = asyncio.Lock()  # held while draining: the packer seals only while it is free
 
     async def run(self, publish: Publish) -> None:
         """Publish until cancelled or a publish fails (which is raised)."""
+        async with self.lock:
+            await self._run(publish)
+
+    async def _run(self, publish: Publish) -> None:
         window = asyncio.Semaphore(self._max_inflight)
-        # Ids in flight, or acknowledged and not yet deleted: never taken again by either lane meanwhile.
+        # Row and segment ids in flight, or acknowledged and not yet deleted: never taken again meanwhile.
         taken: set[int] = set()
+        taken_segments: set[int] = set()
         acked: list[int] = []
+        acked_segments: list[int] = []
         failure: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         tasks: set[asyncio.Task[None]] = set()
-        backlog = (-1, 0)  # cursor: (priority, id) of the last record the backlog lane took
+        backlog = _Backlog(self._outbox, self._pack)
         live_after = await self._outbox.last_id()
+        live_seen = self._outbox.records_committed  # the live lane asks again only after a commit
+        flush_now = asyncio.Event()
+        caught_up = False  # the backlog lane found nothing more to send
         turn = 0
 
         async def send(message: Message) -> None:
@@ -100,19 +113,27 @@ class Drain:
                 raise
             finally:
                 window.release()
-            acked.extend(message.ids)
-            self.stats.published(len(message.ids))
+            if message.segment is not None:
+                acked_segments.append(message.segment)
+            else:
+                acked.extend(message.ids)
+            self.stats.published(message.records)
+            if caught_up and len(tasks) <= 1:  # the last in flight at the end: delete now, not at the next tick
+                flush_now.set()
 
         async def delete_acked() -> None:
-            ids = acked[:]
-            del acked[:]
-            await self._outbox.acknowledge(ids)
+            ids, segs = acked[:], acked_segments[:]
+            del acked[:], acked_segments[:]
+            await self._outbox.acknowledge(ids, segs)
             taken.difference_update(ids)
+            taken_segments.difference_update(segs)
 
         async def flush_acks() -> None:
             while True:
-                await asyncio.sleep(ACK_FLUSH_S)
-                if acked:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(flush_now.wait(), ACK_FLUSH_S)
+                flush_now.clear()
+                if acked or acked_segments:
                     await delete_acked()
 
         acker = asyncio.create_task(flush_acks(), name="drain-acks")
@@ -120,45 +141,48 @@ class Drain:
             while not failure.done():
                 turn += 1
                 live_turn = self._live_every and turn % self._live_every == 0
-                if live_turn:
+                if live_turn and self._outbox.records_committed != live_seen:
+                    live_seen = self._outbox.records_committed
                     newest = await self._outbox.encoded_newest_after(live_after, FETCH)
                     records = [r for r in newest if r[0] not in taken]
                     if records:
                         live_after = records[-1][0]
+                    messages = self._pack(records)
                 else:
-                    records = await self._outbox.encoded_after(backlog[0], backlog[1], FETCH)
-                    if records:
-                        backlog = (records[-1][2], records[-1][0])
-                    records = [r for r in records if r[0] not in taken]
-                if not records:
-                    if not live_turn:
+                    messages = await backlog.next(taken, taken_segments)
+                    caught_up = messages is None
+                    if caught_up:
                         await self._idle(failure)
-                        backlog = (
-                            -1,
-                            0,
-                        )  # new records may sit anywhere in drain order: look again from the top
-                    continue
-                for message in pack_rows(
-                    self._device, self._store_id, records, self._max_bytes, self._compress_min
-                ):
+                        # New records may sit anywhere in drain order: look again from the top.
+                        backlog.close()
+                        backlog = _Backlog(self._outbox, self._pack)
+                        continue
+                for message in messages:
                     await window.acquire()
                     if failure.done():
                         window.release()
                         break
-                    taken.update(message.ids)
+                    if message.segment is not None:
+                        taken_segments.add(message.segment)
+                    else:
+                        taken.update(message.ids)
                     task = asyncio.create_task(send(message))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
             raise failure.result()
         finally:
+            backlog.close()
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             acker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await acker
-            if acked:
+            if acked or acked_segments:
                 await asyncio.shield(delete_acked())
+
+    def _pack(self, records: list[EncodedRow]) -> list[Message]:
+        return pack_rows(self._device, self._store_id, records, self._max_bytes, self._compress_min)
 
     async def _idle(self, failure: asyncio.Future[BaseException]) -> None:
         """Nothing to take: wait for new records, "sync now", a failure, or a second."""
@@ -173,3 +197,56 @@ class Drain:
             for waiter in waiters:
                 waiter.cancel()
         self.wake.clear()
+
+
+class _Backlog:
+    """The backlog lane's walk through the outbox in drain order: rows more urgent than telemetry (audit,
+    events), then sealed segments (the oldest telemetry, already packed), then the remaining rows.
+
+    The next page of the current phase is read ahead while this one is published, so the window does not
+    run dry while the store thread answers (or commits a batch of deletions first)."""
+
+    def __init__(self, outbox: Outbox, pack: Callable[[list[EncodedRow]], list[Message]]) -> None:
+        self._outbox = outbox
+        self._pack = pack
+        self.cursor = (-1, 0)  # (priority, id) of the last row read
+        self.segment_after = 0
+        self.phase = "urgent"
+        self._ahead: asyncio.Task[Any] | None = None
+
+    def _read(self) -> Awaitable[Any]:
+        if self.phase == "urgent":
+            return self._outbox.encoded_after(*self.cursor, FETCH, below=Priority.TELEMETRY)
+        if self.phase == "segments":
+            return self._outbox.segments_after(self.segment_after, FETCH_SEGMENTS)
+        return self._outbox.encoded_after(*self.cursor, FETCH)
+
+    async def next(self, taken: set[int], taken_segments: set[int]) -> list[Message] | None:
+        """The next messages to publish ([] if all that was read is in flight), None at the end."""
+        while True:
+            ahead, self._ahead = self._ahead, None
+            page = await (ahead if ahead is not None else self._read())
+            if page:
+                break
+            if self.phase == "rows":
+                return None
+            self.phase = "segments" if self.phase == "urgent" else "rows"
+        if self.phase == "segments":
+            self.segment_after = page[-1].id
+            messages = [
+                Message(g.stream, [], g.payload, g.compressed, g.id, g.records)
+                for g in page
+                if g.id not in taken_segments
+            ]
+        else:
+            self.cursor = (page[-1][2], page[-1][0])
+            messages = None
+        self._ahead = asyncio.ensure_future(self._read())
+        if messages is None:  # rows: packed after the read-ahead started, so the two overlap
+            messages = self._pack([r for r in page if r[0] not in taken])
+        return messages
+
+    def close(self) -> None:
+        if self._ahead is not None:
+            self._ahead.cancel()
+            self._ahead = None

@@ -8,7 +8,9 @@
 the id of the gateway's database; it changes only when the database is replaced, and seq starts again then.
 The store encodes each record (``Outbox.encoded_after``: SQLite builds the bytes, payload spliced in, never
 parsed again); this module only packs them. A message at least ``compress_min_bytes`` long is
-zlib-compressed; the MQTT 5 user property ``content-encoding: zlib`` says so.
+zlib-compressed; the MQTT 5 user property ``content-encoding: zlib`` says so. The drain compresses at level 1
+(it is on the clock); the packer, which seals messages ahead of time while offline (sync/store/segments.py),
+at level 6: ~16% fewer bytes on the link for ~3x the CPU, spent while there is nothing else to do.
 """
 
 from __future__ import annotations
@@ -20,18 +22,26 @@ from dataclasses import dataclass
 from itertools import groupby
 from operator import itemgetter
 
-from fleetgate.sync.store.outbox import EncodedRow
+from fleetgate.sync.store.wire import EncodedRow
 
 ENVELOPE_VERSION = 1
 CONTENT_TYPE = "application/json"
+DRAIN_LEVEL = 1
+SEAL_LEVEL = 6
 
 
 @dataclass(frozen=True, slots=True)
 class Message:
     stream: str
-    ids: list[int]  # outbox row ids of the records it carries, in order
+    ids: list[int]  # outbox row ids of the records it carries, in order (none for a segment)
     payload: bytes
     compressed: bool
+    segment: int | None = None  # the sealed segment it is (sync/store/segments.py), acknowledged as one
+    segment_records: int = 0
+
+    @property
+    def records(self) -> int:
+        return self.segment_records if self.segment is not None else len(self.ids)
 
 
 def pack_rows(
@@ -54,6 +64,7 @@ def pack_encoded(
     max_bytes: int,
     compress_min_bytes: int,
     store: str,
+    level: int = DRAIN_LEVEL,
 ) -> Iterator[Message]:
     """(id, encoded record) of one stream, in order, into messages of at most ``max_bytes`` before compression.
 
@@ -70,7 +81,7 @@ def pack_encoded(
     def finish() -> Message:
         body = head + b",".join(parts) + b"]}"
         if len(body) >= compress_min_bytes:
-            return Message(stream, ids, zlib.compress(body, 1), True)
+            return Message(stream, ids, zlib.compress(body, level), True)
         return Message(stream, ids, body, False)
 
     for id_, encoded in rows:

@@ -7,6 +7,7 @@ stream, the records delivered plus the records still in the outbox are exactly 1
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, Stamp
 
 from conftest import daemon_config, wait_until
 from mosquitto_fixture import Mosquitto, TlsFiles, free_port
@@ -53,17 +56,67 @@ def delivered(messages: list) -> tuple[dict[str, set[int]], Counter]:
     return seen, copies
 
 
-def outbox_state(db: Path) -> tuple[dict[str, int], dict[str, set[int]]]:
+def prefill(db: Path, telemetry: int = 0, events: int = 0) -> None:
+    """Append `telemetry` telemetry records, then `events` event records, to a stopped daemon's outbox."""
+
+    async def write() -> None:
+        database = await Database.open(db, "normal")
+        try:
+            outbox = Outbox(database, boot_id="prefill-boot")
+            stamp = Stamp(time.time_ns(), time.monotonic_ns(), True)
+            for start in range(0, telemetry, 5000):
+                await outbox.append(
+                    [
+                        NewRecord(
+                            "telemetry",
+                            Priority.TELEMETRY,
+                            stamp,
+                            b'{"signal":"rpm","value":%d,"unit":"rpm"}' % i,
+                        )
+                        for i in range(start, min(start + 5000, telemetry))
+                    ]
+                )
+            if events:
+                await outbox.append(
+                    [
+                        NewRecord.json("events", Priority.EVENT, stamp, {"event": "prefilled", "n": i})
+                        for i in range(events)
+                    ]
+                )
+        finally:
+            await database.close()
+
+    db.parent.mkdir(parents=True, exist_ok=True)
+    asyncio.run(write())
+
+
+def held_records(db: Path) -> tuple[dict[str, int], Counter, Counter]:
+    """Last seq per stream, and how often each (stream, seq) is held: as a row, and inside a sealed segment
+    (the messages the packer built while offline, read back from their bytes)."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
     try:
         last = dict(conn.execute("SELECT name, last_seq FROM streams"))
-        left: dict[str, set[int]] = {}
-        for name, seq in conn.execute(
-            "SELECT s.name, o.seq FROM outbox o JOIN streams s ON s.id = o.stream_id"
+        rows = Counter(
+            conn.execute("SELECT s.name, o.seq FROM outbox o JOIN streams s ON s.id = o.stream_id")
+        )
+        sealed: Counter = Counter()
+        for name, compressed, payload in conn.execute(
+            "SELECT s.name, g.compressed, g.payload FROM segments g JOIN streams s ON s.id = g.stream_id"
         ):
-            left.setdefault(name, set()).add(seq)
+            envelope = json.loads(zlib.decompress(payload) if compressed else payload)
+            assert envelope["stream"] == name and envelope["device"] == DEVICE
+            sealed.update((name, r["seq"]) for r in envelope["records"])
     finally:
         conn.close()
+    return last, rows, sealed
+
+
+def outbox_state(db: Path) -> tuple[dict[str, int], dict[str, set[int]]]:
+    """Last seq per stream, and the seqs still held (rows or sealed segments)."""
+    last, rows, sealed = held_records(db)
+    left: dict[str, set[int]] = {}
+    for stream, seq in [*rows, *sealed]:
+        left.setdefault(stream, set()).add(seq)
     return last, left
 
 
@@ -147,11 +200,14 @@ def status(daemon) -> dict[str, Any]:
 def test_a_backlog_built_offline_drains_when_the_broker_comes_up(tmp_path, start_daemon):
     port = free_port()
     db = tmp_path / "state" / "fleetgate.db"
+    prefill(db, telemetry=3000)  # an earlier boot's backlog, trusted time: the packer seals it offline
     daemon = start_daemon(uplink_config(tmp_path, port))
     daemon.wait_ready()
-    wait_until("a backlog", lambda: status(daemon)["outbox"]["total"] > 1500)
+    wait_until("a backlog", lambda: status(daemon)["outbox"]["total"] > 4500)
+    wait_until("part of it sealed by the packer", lambda: status(daemon)["outbox"]["packed"] > 0)
     offline = status(daemon)
     assert offline["uplink"]["online"] is False
+    assert offline["outbox"]["packer"]["records"] >= offline["outbox"]["packed"] > 0
     uplink = next(c for c in offline["components"] if c["name"] == "uplink")
     assert uplink["restarts"] >= 1 and "uplink" in json.dumps(offline)
 
@@ -197,6 +253,37 @@ def test_kill_9_mid_drain_loses_nothing(tmp_path, start_daemon):
         daemon.terminate()
         time.sleep(0.5)  # let the consumer take the last PUBLISHes off the socket
         assert_nothing_lost(db, consumer.messages)
+
+
+def test_kill_9_while_the_packer_seals_offline_loses_and_duplicates_nothing(tmp_path, start_daemon):
+    """Guards against a seal that deletes its rows without keeping their segment, or keeps both: after
+    every crash each record is held exactly once, as a row or inside a segment."""
+    db = tmp_path / "state" / "fleetgate.db"
+    prefill(db, telemetry=30_000)  # an earlier boot's: thousands of small segments to seal, one at a time
+    config = uplink_config(tmp_path, free_port(), max_message_bytes=2048)  # no broker: offline throughout
+    daemon = start_daemon(config)
+    daemon.wait_ready()
+    for _ in range(3):
+        before = status(daemon)["outbox"]["packed"]
+
+        def sealed_more(daemon=daemon, before=before) -> bool:
+            return status(daemon)["outbox"]["packed"] > before
+
+        wait_until("the packer to seal more", sealed_more)
+        daemon.proc.send_signal(signal.SIGKILL)
+        daemon.proc.wait(10)
+        daemon = start_daemon(config)
+        daemon.wait_ready()
+    daemon.terminate()
+    last, rows, sealed = held_records(db)
+    assert sum(sealed.values()) > 0
+    held = rows + sealed
+    for stream, last_seq in last.items():
+        seqs = {seq for (name, seq) in held if name == stream}
+        missing = set(range(1, last_seq + 1)) - seqs
+        assert not missing, f"{stream}: {len(missing)} records lost, e.g. {sorted(missing)[:5]}"
+    twice = [key for key, n in held.items() if n > 1]
+    assert not twice, f"{len(twice)} records held twice, e.g. {twice[:5]}"
 
 
 def test_broker_stopped_mid_drain_and_restarted_loses_nothing(tmp_path, start_daemon):

@@ -9,7 +9,6 @@ and exact: no waiting for a heartbeat to pile records up), then the daemon is st
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -24,12 +23,11 @@ from test_uplink_daemon import (
     decode,
     delivered,
     outbox_state,
+    prefill,
     status,
     uplink_config,
     wait_until,
 )
-
-from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, Stamp
 
 from conftest import Daemon
 from mosquitto_fixture import Mosquitto, free_port, make_tls
@@ -40,40 +38,6 @@ TOPICS = f"fleetgate/v1/{DEVICE}/#"
 
 
 # -- helpers ------------------------------------------------------------------------------------------------
-
-
-def prefill(db: Path, telemetry: int = 0, events: int = 0) -> None:
-    """Append `telemetry` telemetry records, then `events` event records, to a stopped daemon's outbox."""
-
-    async def write() -> None:
-        database = await Database.open(db, "normal")
-        try:
-            outbox = Outbox(database, boot_id="prefill-boot")
-            stamp = Stamp(time.time_ns(), time.monotonic_ns(), True)
-            for start in range(0, telemetry, 5000):
-                await outbox.append(
-                    [
-                        NewRecord(
-                            "telemetry",
-                            Priority.TELEMETRY,
-                            stamp,
-                            b'{"signal":"rpm","value":%d,"unit":"rpm"}' % i,
-                        )
-                        for i in range(start, min(start + 5000, telemetry))
-                    ]
-                )
-            if events:
-                await outbox.append(
-                    [
-                        NewRecord.json("events", Priority.EVENT, stamp, {"event": "prefilled", "n": i})
-                        for i in range(events)
-                    ]
-                )
-        finally:
-            await database.close()
-
-    db.parent.mkdir(parents=True, exist_ok=True)
-    asyncio.run(write())
 
 
 def net_config(tmp_path: Path, port: int, *, heartbeat_s: float = 60.0, **kwargs: Any) -> Path:

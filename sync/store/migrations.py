@@ -54,6 +54,21 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
         "INSERT INTO meta(key, value) VALUES ('store_id', lower(hex(randomblob(16))))",
     ],
+    # 5: sealed segments: a message's worth of a stream's oldest telemetry, packed while the uplink was down
+    # (sync/store/segments.py).
+    [
+        """CREATE TABLE segments (
+               id INTEGER PRIMARY KEY,
+               stream_id INTEGER NOT NULL REFERENCES streams(id),
+               first_seq INTEGER NOT NULL,
+               last_seq INTEGER NOT NULL,
+               records INTEGER NOT NULL,
+               first_wall_ns INTEGER NOT NULL,
+               compressed INTEGER NOT NULL,
+               payload BLOB NOT NULL          -- the uplink message, exactly as it is published
+           )""",
+        "CREATE INDEX segments_stream ON segments(stream_id, id)",
+    ],
 ]
 
 

@@ -17,9 +17,12 @@ from itertools import chain
 from pathlib import Path
 from typing import Any
 
+from fleetgate.sync.store import segments
 from fleetgate.sync.store.database import Database, transaction
-from fleetgate.sync.store.records import Appended, NewRecord, Priority, StoredRecord
+from fleetgate.sync.store.records import ROW_OVERHEAD, Appended, Eviction, NewRecord, Priority, StoredRecord
+from fleetgate.sync.store.segments import Pack, Sealed, Segment
 from fleetgate.sync.store.state import write_state
+from fleetgate.sync.store.wire import SELECT_ENCODED, EncodedRow
 
 
 def read_boot_id(path: Path = Path("/proc/sys/kernel/random/boot_id")) -> str:
@@ -37,6 +40,7 @@ class StreamDepth:
     oldest_wall_ns: int | None
     bytes: int = 0
     evicted: int = 0
+    packed: int = 0  # of depth, records sealed in segments (sync/store/segments.py)
 
 
 INSERT = "INSERT INTO outbox(stream_id, seq, priority, wall_ns, mono_ns, boot, time_trusted, payload) VALUES "
@@ -66,18 +70,7 @@ class _Pending:
     future: asyncio.Future[list[Appended]]
 
 
-ROW_OVERHEAD = 64  # bytes a row costs beyond its payload (integers, index entries), for quota accounting
 EVICT_CHUNK = 1000
-
-
-@dataclass
-class Eviction:
-    """Telemetry records of one stream deleted unsent to keep it under its quota."""
-
-    records: int = 0
-    bytes: int = 0
-    first_seq: int | None = None
-    last_seq: int | None = None
 
 
 class _Writer:
@@ -146,17 +139,17 @@ class _Writer:
         self.streams.update(seqs)
         for name, ev in evicted.items():
             if ev.records:
-                total = self.evictions.setdefault(name, Eviction())
-                total.records += ev.records
-                total.bytes += ev.bytes
-                total.first_seq = ev.first_seq if total.first_seq is None else total.first_seq
-                total.last_seq = ev.last_seq
+                self.evictions.setdefault(name, Eviction()).add(
+                    ev.records, ev.bytes, ev.first_seq, ev.last_seq
+                )
         return appended
 
     def _enforce_quota(self, conn: sqlite3.Connection, name: str, stream_id: int) -> Eviction:
-        """Delete the stream's oldest telemetry-priority rows until it fits its quota; never anything else."""
+        """Delete the stream's oldest telemetry (its segments, then telemetry-priority rows) until it fits its
+        quota; never anything else."""
         ev = Eviction()
         held = int(conn.execute("SELECT bytes FROM streams WHERE id = ?", (stream_id,)).fetchone()[0])
+        held = segments.evict_oldest(conn, stream_id, held, self.quotas[name], ev)
         while held > self.quotas[name]:
             oldest = conn.execute(
                 "SELECT id, seq, length(payload) FROM outbox WHERE stream_id = ? AND priority = ? ORDER BY id LIMIT ?",
@@ -170,13 +163,10 @@ class _Writer:
                     break
                 doomed.append(row_id)
                 held -= size + ROW_OVERHEAD
-                ev.bytes += size + ROW_OVERHEAD
-                ev.first_seq = seq if ev.first_seq is None else ev.first_seq
-                ev.last_seq = seq
+                ev.add(1, size + ROW_OVERHEAD, seq, seq)
             conn.execute(
                 "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(doomed),)
             )
-            ev.records += len(doomed)
         if ev.records:
             conn.execute(
                 "UPDATE streams SET bytes = bytes - ?, evicted = evicted + ? WHERE id = ?",
@@ -267,11 +257,12 @@ class Outbox:
         """The next ``limit`` records by priority (most urgent first), then by age."""
         return await self._db.run(_next_batch, limit)
 
-    async def encoded_after(self, priority: int, after_id: int, limit: int) -> list[EncodedRow]:
+    async def encoded_after(
+        self, priority: int, after_id: int, limit: int, below: int | None = None
+    ) -> list[EncodedRow]:
         """The next ``limit`` records in drain order (priority, then age) after position (priority, after_id),
-        each already encoded for the uplink (see SELECT_ENCODED)."""
-        return await self._db.run(_select_encoded, "WHERE (o.priority, o.id) > (?, ?) ORDER BY o.priority, o.id"
-                                  " LIMIT ?", (priority, after_id, limit))  # fmt: skip
+        of priorities below ``below`` if given, each already encoded for the uplink (``wire.SELECT_ENCODED``)."""
+        return await self._db.run(_encoded_after, priority, after_id, limit, below)
 
     async def encoded_newest_after(self, after_id: int, limit: int) -> list[EncodedRow]:
         """Records appended after row ``after_id``, oldest first and encoded: the live edge while a backlog
@@ -283,11 +274,23 @@ class Outbox:
             lambda conn: int(conn.execute("SELECT coalesce(max(id), 0) FROM outbox").fetchone()[0])
         )
 
-    async def acknowledge(self, ids: Sequence[int]) -> int:
-        """Delete acknowledged records; returns how many were still present."""
-        if not ids:
+    async def acknowledge(self, ids: Sequence[int], segment_ids: Sequence[int] = ()) -> int:
+        """Delete acknowledged records (row ids) and segments; returns how many records were still present."""
+        if not ids and not segment_ids:
             return 0
-        return await self._db.run(_acknowledge, list(ids))
+        return await self._db.run(_acknowledge, list(ids), list(segment_ids))
+
+    async def seal_next(self, pack: Pack, max_bytes: int) -> Sealed | None:
+        """Replace a full message's worth of a stream's oldest telemetry rows by one segment, packed by
+        ``pack`` (see sync/store/segments.py); None when no stream has that many sealable rows."""
+
+        def seal(conn: sqlite3.Connection) -> Sealed | None:
+            return transaction(conn, lambda c: segments.seal_next(c, self._writer.boot_id, pack, max_bytes))
+
+        return await self._db.run(seal)
+
+    async def segments_after(self, after_id: int, limit: int) -> list[Segment]:
+        return await self._db.run(segments.select_after, after_id, limit)
 
     async def depth(self) -> list[StreamDepth]:
         return await self._db.run(_depth)
@@ -329,22 +332,6 @@ def _select(conn: sqlite3.Connection, tail: str, params: tuple[Any, ...]) -> lis
     ]
 
 
-# One record of the uplink envelope (docs/mqtt.md), made by SQLite on the store thread, which releases the
-# GIL while it steps: the event loop does not pay for it (in Python, ~3 us per record on the loop).
-# json_quote writes what json.dumps does for the ASCII boot ids (/proc's UUID, or "unknown").
-SELECT_ENCODED = (
-    "SELECT o.id, s.name, o.priority, CAST('{\"seq\":' || o.seq"
-    " || ',\"ts\":\"' || strftime('%Y-%m-%dT%H:%M:%S', o.wall_ns / 1000000000, 'unixepoch')"
-    ' || printf(\'.%03dZ","wall_ns":\', o.wall_ns / 1000000 % 1000) || o.wall_ns'
-    " || ',\"mono_ns\":' || o.mono_ns || ',\"boot\":' || json_quote(b.boot_id)"
-    " || CASE WHEN o.time_trusted THEN ',\"trusted\":true' ELSE ',\"trusted\":false' END"
-    " || CASE WHEN o.time_corrected THEN ',\"corrected\":true' ELSE ',\"corrected\":false' END"
-    " || ',\"data\":' || o.payload || '}' AS BLOB)"
-    " FROM outbox o JOIN streams s ON s.id = o.stream_id JOIN boots b ON b.id = o.boot "
-)
-EncodedRow = tuple[int, str, int, bytes]  # id, stream, priority, encoded record
-
-
 def _select_encoded(conn: sqlite3.Connection, tail: str, params: tuple[Any, ...]) -> list[EncodedRow]:
     return conn.execute(SELECT_ENCODED + tail, params).fetchall()
 
@@ -369,21 +356,53 @@ ACKED_FREED = f"SELECT o.stream_id, count(*), sum(length(o.payload)) {ACKED} GRO
 ACKED_DELETE = f"DELETE FROM outbox WHERE id IN (SELECT o.id {ACKED})"  # noqa: S608 (constant SQL, values bound)
 
 
-def _acknowledge(conn: sqlite3.Connection, ids: list[int]) -> int:
+def _encoded_after(
+    conn: sqlite3.Connection, priority: int, after_id: int, limit: int, below: int | None
+) -> list[EncodedRow]:
+    # Two range scans of the (priority, id) index: the rest of this priority, then the priorities after it.
+    rows = conn.execute(
+        SELECT_ENCODED + "WHERE o.priority = ? AND o.id > ? ORDER BY o.id LIMIT ?",
+        (priority, after_id, limit),
+    ).fetchall()
+    if len(rows) < limit:
+        rows += conn.execute(
+            SELECT_ENCODED + "WHERE o.priority > ? AND o.priority < ? ORDER BY o.priority, o.id LIMIT ?",
+            (priority, len(Priority) if below is None else below, limit - len(rows)),
+        ).fetchall()
+    return rows
+
+
+def _acknowledge(conn: sqlite3.Connection, ids: list[int], segment_ids: list[int]) -> int:
     # Set-wise statements only: a statement stepped once per row from Python (executemany, RETURNING) hands
     # the GIL to the busy event loop and waits to get it back, once per row.
-    runs = json.dumps(_runs(ids))
+    runs = json.dumps(_runs(ids)) if ids else None
 
     def body(conn: sqlite3.Connection) -> int:
-        freed = conn.execute(ACKED_FREED, (runs,)).fetchall()
-        conn.execute(ACKED_DELETE, (runs,))
+        freed: dict[int, tuple[int, int]] = {}
+        if runs is not None:
+            for sid, n, size in conn.execute(ACKED_FREED, (runs,)).fetchall():
+                freed[sid] = (n, size + n * ROW_OVERHEAD)
+            conn.execute(ACKED_DELETE, (runs,))
+        if segment_ids:
+            for sid, (n, size) in segments.delete(conn, segment_ids).items():
+                had = freed.get(sid, (0, 0))
+                freed[sid] = (had[0] + n, had[1] + size)
         conn.executemany(
             "UPDATE streams SET bytes = bytes - ? WHERE id = ?",
-            [(size + n * ROW_OVERHEAD, sid) for sid, n, size in freed],
+            [(size, sid) for sid, (_, size) in freed.items()],
         )
-        return sum(n for _, n, _ in freed)
+        return sum(n for n, _ in freed.values())
 
-    return transaction(conn, body)
+    # What is deleted here the cloud already has: overwriting it on the freelist (Debian builds SQLite with
+    # secure_delete on) would double the flash writes of draining a backlog, and halve the drain's speed
+    # (tools/bench/drain.py). FAST still scrubs b-tree pages; freed overflow pages keep traces until reused.
+    # Every other delete (eviction, sealing, state) keeps the connection's setting. See docs/security.md.
+    before = conn.execute("PRAGMA secure_delete").fetchone()[0]
+    conn.execute("PRAGMA secure_delete = FAST")
+    try:
+        return transaction(conn, body)
+    finally:
+        conn.execute(f"PRAGMA secure_delete = {int(before)}")
 
 
 def _correct_wall_times(conn: sqlite3.Connection, boot_id: str, offset_ns: int, before_mono_ns: int) -> int:
@@ -399,13 +418,16 @@ def _correct_wall_times(conn: sqlite3.Connection, boot_id: str, offset_ns: int, 
 
 
 def _depth(conn: sqlite3.Connection) -> list[StreamDepth]:
+    # A stream's segments are older than its rows (segments.py), so the oldest record is in its first one.
     rows = conn.execute(
         "SELECT s.name, s.last_seq,"
         " (SELECT count(*) FROM outbox o WHERE o.stream_id = s.id),"
-        " (SELECT o.wall_ns FROM outbox o WHERE o.stream_id = s.id ORDER BY o.id LIMIT 1), s.bytes, s.evicted"
+        " (SELECT coalesce(sum(g.records), 0) FROM segments g WHERE g.stream_id = s.id),"
+        " coalesce((SELECT g.first_wall_ns FROM segments g WHERE g.stream_id = s.id ORDER BY g.id LIMIT 1),"
+        " (SELECT o.wall_ns FROM outbox o WHERE o.stream_id = s.id ORDER BY o.id LIMIT 1)), s.bytes, s.evicted"
         " FROM streams s ORDER BY s.name"
     ).fetchall()
     return [
-        StreamDepth(name, int(depth), int(last), oldest, int(size), int(evicted))
-        for name, last, depth, oldest, size, evicted in rows
+        StreamDepth(name, int(depth) + int(packed), int(last), oldest, int(size), int(evicted), int(packed))
+        for name, last, depth, packed, oldest, size, evicted in rows
     ]

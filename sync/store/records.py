@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any, NamedTuple
 
+ROW_OVERHEAD = 64  # bytes a row costs beyond its payload (integers, index entries), for quota accounting
+
 
 class Priority(IntEnum):
     """Lower drains first. Audit and session records are never evicted; telemetry may be."""
@@ -57,3 +59,19 @@ class StoredRecord:
     time_trusted: bool
     time_corrected: bool  # wall_ns was recomputed from mono_ns once the clock became trusted
     payload: bytes
+
+
+@dataclass
+class Eviction:
+    """Telemetry records of one stream deleted unsent to keep it under its quota."""
+
+    records: int = 0
+    bytes: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+
+    def add(self, records: int, size: int, first_seq: int | None, last_seq: int | None) -> None:
+        self.records += records
+        self.bytes += size
+        self.first_seq = first_seq if self.first_seq is None else self.first_seq
+        self.last_seq = last_seq if last_seq is not None else self.last_seq

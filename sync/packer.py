@@ -1,0 +1,67 @@
+"""Supervised component: while the uplink is down, seals the telemetry backlog into ready-made messages.
+
+Each step replaces one full message's worth of a stream's oldest telemetry rows by a sealed segment (the
+rules are in sync/store/segments.py), packed as the drain would pack it but compressed harder. Offline, the
+gateway has CPU to spare and nothing to send; when coverage returns the drain publishes the segments as they
+are. It never runs while the drain does (it waits for the drain's lock), so no row it seals is in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from fleetgate.sync.drain import Drain
+from fleetgate.sync.envelope import SEAL_LEVEL, pack_encoded
+from fleetgate.sync.store import Outbox
+
+log = logging.getLogger(__name__)
+
+IDLE_S = 5.0  # nothing to seal: look again after this
+
+
+class Packer:
+    name = "packer"
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        drain: Drain,
+        device: str,
+        store_id: str,
+        max_message_bytes: int,
+        compress_min_bytes: int,
+        idle_s: float = IDLE_S,
+    ) -> None:
+        self._outbox = outbox
+        self._drain = drain
+        self._device = device
+        self._store_id = store_id
+        self._max_bytes = max_message_bytes
+        self._compress_min = compress_min_bytes
+        self._idle_s = idle_s
+        self.segments = 0
+        self.records = 0
+        self.bytes_saved = 0
+
+    def pack(self, stream: str, rows: list[tuple[int, bytes]]) -> tuple[bytes, bool]:
+        """Runs on the store thread. The store hands over exactly one message's worth."""
+        [message] = pack_encoded(
+            self._device, stream, rows, self._max_bytes, self._compress_min, self._store_id, SEAL_LEVEL
+        )
+        return message.payload, message.compressed
+
+    async def run(self) -> None:
+        while True:
+            async with self._drain.lock:
+                sealed = await self._outbox.seal_next(self.pack, self._max_bytes)
+            if sealed is None:
+                await asyncio.sleep(self._idle_s)
+                continue
+            self.segments += 1
+            self.records += sealed.records
+            self.bytes_saved += sealed.rows_bytes - sealed.segment_bytes
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"segments": self.segments, "records": self.records, "bytes_saved": self.bytes_saved}

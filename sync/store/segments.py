@@ -1,0 +1,169 @@
+"""Sealed segments: a message's worth of a stream's oldest telemetry, packed while the uplink is down.
+
+A backlog built offline is a long run of small rows. Drained row by row, every record is read, packed,
+compressed and deleted at the moment coverage returns, which is when time on the link is scarcest. So while
+there is no link, the packer (``fleetgate.sync.packer``) replaces each full message's worth of a stream's
+oldest telemetry rows with one segment: the uplink message (docs/mqtt.md) exactly as it will be published,
+with its seq range and record count. When the link is back the drain publishes segments as they are and
+deletes one row per message. Compressed at leisure, a segment also holds ~9x less disk than its rows, so
+the same quota keeps a longer outage.
+
+What keeps the outbox's promises:
+
+- One transaction inserts the segment and deletes its rows: a crash leaves one or the other, never both or
+  neither.
+- Only a prefix of a stream's telemetry-priority rows, in id order, and only a full message of them: a
+  stream's segments are always older than its rows, so eviction stays oldest-first and the tail (less than
+  a message) waits as rows for the live lane.
+- Never a row whose wall time may still be corrected (untrusted, uncorrected, this boot: see
+  ``Outbox.correct_wall_times``); such a row ends the prefix until trust arrives.
+- Never while the drain runs, which holds rows in flight: the packer takes the drain's lock.
+
+Every function here runs on the store thread inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from fleetgate.sync.store.records import ROW_OVERHEAD, Eviction, Priority
+from fleetgate.sync.store.wire import ENCODED_RECORD, FROM_RECORDS
+
+SCAN_PAGE = 256
+
+# A segment's payload from its rows (stream, [(row id, encoded record)]): (message bytes, compressed).
+Pack = Callable[[str, list[tuple[int, bytes]]], tuple[bytes, bool]]
+
+
+class Segment(NamedTuple):
+    id: int
+    stream: str
+    records: int
+    compressed: bool
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class Sealed:
+    stream: str
+    records: int
+    first_seq: int
+    last_seq: int
+    rows_bytes: int  # what the rows held (quota accounting)
+    segment_bytes: int  # what the segment holds instead
+
+
+# Constant SQL; values are bound.
+SCAN = (
+    "SELECT o.id, o.seq, o.wall_ns, length(o.payload),"  # noqa: S608
+    " (o.time_trusted OR o.time_corrected OR o.boot IS NOT (SELECT id FROM boots WHERE boot_id = ?)), "
+    + ENCODED_RECORD
+    + FROM_RECORDS
+    + "WHERE o.stream_id = ? AND o.priority = ? ORDER BY o.id"
+)
+
+
+def seal_next(conn: sqlite3.Connection, boot_id: str, pack: Pack, max_bytes: int) -> Sealed | None:
+    """Seal one full message of the first stream that has one; None when no stream has."""
+    for stream_id, name in conn.execute("SELECT id, name FROM streams ORDER BY id").fetchall():
+        sealed = _seal_stream(conn, stream_id, name, boot_id, pack, max_bytes)
+        if sealed is not None:
+            return sealed
+    return None
+
+
+def _seal_stream(
+    conn: sqlite3.Connection, stream_id: int, name: str, boot_id: str, pack: Pack, max_bytes: int
+) -> Sealed | None:
+    # The same fill rule as envelope.pack_encoded: records while they fit, one alone if it is bigger.
+    rows: list[tuple[int, bytes]] = []
+    seqs: list[int] = []
+    first_wall = 0
+    size = rows_bytes = 0
+    full = False
+    cursor = conn.execute(SCAN, (boot_id, stream_id, int(Priority.TELEMETRY)))
+    try:
+        while not full and (page := cursor.fetchmany(SCAN_PAGE)):
+            for row_id, seq, wall_ns, payload_len, sealable, encoded in page:
+                if not sealable:
+                    return None
+                if rows and size + len(encoded) + 1 > max_bytes:
+                    full = True
+                    break
+                if not rows:
+                    first_wall = wall_ns
+                rows.append((row_id, encoded))
+                seqs.append(seq)
+                size += len(encoded) + 1
+                rows_bytes += payload_len + ROW_OVERHEAD
+    finally:
+        cursor.close()
+    if not full:
+        return None
+    payload, compressed = pack(name, rows)
+    conn.execute(
+        "INSERT INTO segments(stream_id, first_seq, last_seq, records, first_wall_ns, compressed, payload)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (stream_id, seqs[0], seqs[-1], len(rows), first_wall, int(compressed), payload),
+    )
+    # Exactly the rows scanned: this stream's telemetry rows are consecutive in that id range.
+    conn.execute(
+        "DELETE FROM outbox WHERE stream_id = ? AND priority = ? AND id BETWEEN ? AND ?",
+        (stream_id, int(Priority.TELEMETRY), rows[0][0], rows[-1][0]),
+    )
+    segment_bytes = len(payload) + ROW_OVERHEAD
+    conn.execute(
+        "UPDATE streams SET bytes = bytes - ? + ? WHERE id = ?", (rows_bytes, segment_bytes, stream_id)
+    )
+    return Sealed(name, len(rows), seqs[0], seqs[-1], rows_bytes, segment_bytes)
+
+
+def select_after(conn: sqlite3.Connection, after_id: int, limit: int) -> list[Segment]:
+    """Segments in drain order (oldest first) after segment ``after_id``."""
+    rows = conn.execute(
+        "SELECT g.id, s.name, g.records, g.compressed, g.payload FROM segments g"
+        " JOIN streams s ON s.id = g.stream_id WHERE g.id > ? ORDER BY g.id LIMIT ?",
+        (after_id, limit),
+    ).fetchall()
+    return [Segment(i, name, n, bool(c), bytes(p)) for i, name, n, c, p in rows]
+
+
+def delete(conn: sqlite3.Connection, ids: list[int]) -> dict[int, tuple[int, int]]:
+    """Delete acknowledged segments; returns, per stream id, (records, bytes) freed."""
+    doomed = json.dumps(ids)
+    freed = conn.execute(
+        "SELECT stream_id, sum(records), sum(length(payload)) + count(*) * ? FROM segments"
+        " WHERE id IN (SELECT value FROM json_each(?)) GROUP BY stream_id",
+        (ROW_OVERHEAD, doomed),
+    ).fetchall()
+    conn.execute("DELETE FROM segments WHERE id IN (SELECT value FROM json_each(?))", (doomed,))
+    return {sid: (int(n), int(size)) for sid, n, size in freed}
+
+
+def evict_oldest(conn: sqlite3.Connection, stream_id: int, held: int, quota: int, ev: Eviction) -> int:
+    """Delete the stream's oldest segments while it is over ``quota``; returns the bytes it holds then.
+
+    Segments are older than every row of their stream, so they go first."""
+    while held > quota:
+        oldest = conn.execute(
+            "SELECT id, first_seq, last_seq, records, length(payload) FROM segments"
+            " WHERE stream_id = ? ORDER BY id LIMIT 100",
+            (stream_id,),
+        ).fetchall()
+        if not oldest:
+            break
+        doomed = []
+        for seg_id, first_seq, last_seq, records, size in oldest:
+            if held <= quota:
+                break
+            doomed.append(seg_id)
+            held -= size + ROW_OVERHEAD
+            ev.add(records, size + ROW_OVERHEAD, first_seq, last_seq)
+        conn.execute(
+            "DELETE FROM segments WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(doomed),)
+        )
+    return held
