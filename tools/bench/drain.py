@@ -169,6 +169,36 @@ async def build_backlog(path: Path, n: int) -> dict[str, Any]:
     }
 
 
+async def pack_offline(path: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """What the daemon's packer does while the broker is unreachable: seal the backlog into segments, with
+    the daemon's durability, until nothing is left to seal (the tail of less than a message stays rows)."""
+    from fleetgate.sync.drain import Drain
+    from fleetgate.sync.packer import Packer
+    from fleetgate.sync.store import Database, Outbox
+
+    cfg = mqtt_config(args)
+    db = await Database.open(path, args.synchronous)
+    outbox = Outbox(db)
+    drain = Drain(outbox, DEVICE, 1, cfg.max_message_bytes, cfg.compress_min_bytes, 0.0, db.store_id)
+    packer = Packer(outbox, drain, DEVICE, db.store_id, cfg.max_message_bytes, cfg.compress_min_bytes)
+    bytes_before = sum(d.bytes for d in await outbox.depth())
+    start, cpu = time.perf_counter(), _cpu_s()
+    while await outbox.seal_next(packer.pack, cfg.max_message_bytes) is not None:
+        pass
+    elapsed, cpu = time.perf_counter() - start, _cpu_s() - cpu
+    depth = await outbox.depth()
+    await db.close()
+    packed = sum(d.packed for d in depth)
+    return {
+        "pack_s": round(elapsed, 2),
+        "pack_cpu_s": round(cpu, 2),
+        "packed": packed,
+        "packed_per_s": round(packed / elapsed) if elapsed else None,
+        "store_bytes_before": bytes_before,
+        "store_bytes_after": sum(d.bytes for d in depth),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Shared: configuration, broker
 # ---------------------------------------------------------------------------------------------------------
@@ -298,25 +328,37 @@ def _cpu_s() -> float:
 
 
 async def pack_like_the_drain(path: Path, cfg: Any) -> list[tuple[str, bytes, Any, int]]:
-    """(topic, payload, properties, records) of every message, exactly as Drain.run packs them: FETCH
-    records at a time in drain order (priority, then id), then per stream (priority, stream, id) split by
-    size, compressed above the threshold."""
+    """(topic, payload, properties, records) of every message, exactly as Drain.run sends them: rows more
+    urgent than telemetry, then the sealed segments as stored, then the other rows, FETCH records at a time
+    in drain order (priority, then id), per stream (priority, stream, id) split by size, compressed above
+    the threshold."""
     from fleetgate.sync.drain import FETCH
-    from fleetgate.sync.envelope import pack_rows
+    from fleetgate.sync.envelope import Message, pack_rows
     from fleetgate.sync.mqtt_link import _properties
-    from fleetgate.sync.store import Database
-    from fleetgate.sync.store.outbox import SELECT_ENCODED
+    from fleetgate.sync.store import Database, Priority
+    from fleetgate.sync.store.segments import select_after
+    from fleetgate.sync.store.wire import SELECT_ENCODED
     from fleetgate.sync.topics import Topics
 
     topics = Topics(cfg.topic_root, DEVICE)
 
     def read_and_pack(conn: Any, store_id: str) -> list[tuple[str, bytes, Any, int]]:
-        # One ordered scan (a cursor per FETCH would rescan what is not deleted here), cut into FETCH chunks.
-        cursor = conn.execute(SELECT_ENCODED + "ORDER BY o.priority, o.id")
         out = []
-        while rows := cursor.fetchmany(FETCH):
-            for m in pack_rows(DEVICE, store_id, rows, cfg.max_message_bytes, cfg.compress_min_bytes):
-                out.append((topics.uplink(m.stream), m.payload, _properties(m), len(m.ids)))
+
+        def rows(where: str) -> None:
+            # One ordered scan (a cursor per FETCH would rescan what is not deleted here), cut into FETCH chunks.
+            cursor = conn.execute(
+                SELECT_ENCODED + where + " ORDER BY o.priority, o.id", (int(Priority.TELEMETRY),)
+            )
+            while batch := cursor.fetchmany(FETCH):
+                for m in pack_rows(DEVICE, store_id, batch, cfg.max_message_bytes, cfg.compress_min_bytes):
+                    out.append((topics.uplink(m.stream), m.payload, _properties(m), len(m.ids)))
+
+        rows("WHERE o.priority < ?")
+        for g in select_after(conn, 0, 1 << 62):
+            m = Message(g.stream, [], g.payload, g.compressed, g.id, g.records)
+            out.append((topics.uplink(m.stream), m.payload, _properties(m), m.records))
+        rows("WHERE o.priority >= ?")
         return out
 
     db = await Database.open(path, "normal")
@@ -448,18 +490,19 @@ async def drain(args: argparse.Namespace) -> dict[str, Any]:
     supervisor.start()
     await refused.wait()
     baseline_rss = _vm("VmRSS")
-    cpu = _cpu_s()
+    cpu, loop_cpu = _cpu_s(), time.thread_time()
     print("trying", flush=True)  # the parent starts the broker now
 
     def outbox_empty(conn: Any) -> bool:
-        return conn.execute("SELECT NOT EXISTS (SELECT 1 FROM outbox)").fetchone()[0] == 1
+        held = "SELECT NOT EXISTS (SELECT 1 FROM outbox) AND NOT EXISTS (SELECT 1 FROM segments)"
+        return conn.execute(held).fetchone()[0] == 1
 
     while True:
         await asyncio.sleep(0.01)
         if drainer.stats.records >= args.readings and await database.run(outbox_empty):
             break
     marks["empty"] = time.monotonic()
-    cpu = _cpu_s() - cpu
+    cpu, loop_cpu = _cpu_s() - cpu, time.thread_time() - loop_cpu
     peak_rss = _vm("VmHWM")
     await supervisor.stop(4.0)
     await database.close()
@@ -469,6 +512,7 @@ async def drain(args: argparse.Namespace) -> dict[str, Any]:
         "records_sent": drainer.stats.records,
         "restarts_after_connect": len(failures_after_connect),
         "drain_cpu_s": round(cpu, 2),
+        "loop_cpu_s": round(loop_cpu, 2),  # of which the event loop's thread (the rest: the store thread)
         "baseline_rss_mb": round(baseline_rss, 1),
         "peak_rss_mb": round(peak_rss, 1),
         "settings": {
@@ -509,10 +553,10 @@ def _result(proc: subprocess.Popen[str], stderr: Path) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
-def run_build(args: argparse.Namespace, tmp: Path, db: Path) -> dict[str, Any]:
-    err = tmp / "build.stderr"
+def run_offline(args: argparse.Namespace, tmp: Path, db: Path, phase: str) -> dict[str, Any]:
+    err = tmp / f"{phase}.stderr"
     with err.open("w") as fh:
-        proc = subprocess.Popen(_child(args, "build", db, None), stdout=subprocess.PIPE, stderr=fh, text=True)
+        proc = subprocess.Popen(_child(args, phase, db, None), stdout=subprocess.PIPE, stderr=fh, text=True)
         return _result(proc, err)
 
 
@@ -581,9 +625,14 @@ def main() -> int:
     parser.add_argument("--live-share", type=float, help="MqttConfig.live_share (default: the daemon's)")
     parser.add_argument("--synchronous", choices=["full", "normal"], default="full", help="store durability")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the plain-aiomqtt ceiling")
+    parser.add_argument(
+        "--no-pack",
+        action="store_true",
+        help="drain the backlog as rows, unsealed (as after an outage with untrusted wall time)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the work folder (logs of every process)")
     parser.add_argument("--profile", metavar="FILE", help="cProfile the drain process (event loop thread)")
-    parser.add_argument("--phase", choices=["build", "ceiling", "drain"], help=argparse.SUPPRESS)
+    parser.add_argument("--phase", choices=["build", "pack", "ceiling", "drain"], help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -592,6 +641,9 @@ def main() -> int:
 
     if args.phase == "build":
         print(json.dumps(asyncio.run(build_backlog(Path(args.db), args.readings))))
+        return 0
+    if args.phase == "pack":
+        print(json.dumps(asyncio.run(pack_offline(Path(args.db), args))))
         return 0
     if args.phase == "ceiling":
         print(json.dumps(asyncio.run(ceiling(args))))
@@ -610,8 +662,11 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="fleetgate-drain-"))
     try:
         db = tmp / "backlog.db"
-        build = run_build(args, tmp, db)
+        build = run_offline(args, tmp, db, "build")
         print(f"backlog: {args.readings} readings built in {build['build_s']} s", file=sys.stderr)
+        pack = None if args.no_pack else run_offline(args, tmp, db, "pack")
+        if pack is not None:
+            print(f"offline: {pack['packed']} readings sealed in {pack['pack_s']} s", file=sys.stderr)
         ceil = None if args.no_ceiling else run_ceiling(args, tmp, db)
         d = run_drain(args, tmp, db)
     finally:
@@ -644,13 +699,18 @@ def main() -> int:
         "health_built_s": round(marks.get("health_built", math.nan) - marks.get("connected", math.nan), 3),
         "first_seen_by_subscriber_s": None if sub is None else round(sub - d["broker_reachable"], 3),
         "ack_to_empty_s": round(marks["empty"] - marks["first_ack"], 2),
+        # Like the ceiling, which times only its publishing: from the CONNACK (the health message is the
+        # first thing the uplink sends) to the outbox being empty.
+        "readings_per_s_connected": round(args.readings / (marks["empty"] - marks["connected"])),
         "drain_cpu_s": d["drain_cpu_s"],
+        "loop_cpu_s": d["loop_cpu_s"],
         "broker_cpu_s": d["broker_cpu_s"],
         "baseline_rss_mb": d["baseline_rss_mb"],
         "restarts_after_connect": d["restarts_after_connect"],
         "pending_call_warnings": d["pending_call_warnings"],
         **d["settings"],
         "payload_bytes_per_reading": build["payload_bytes_per_reading"],
+        "packed_offline": pack,
         "cpus": os.cpu_count(),
     }
     if ceil is not None:
