@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[Message], Awaitable[None]]
 FETCH = 2000  # records read from the outbox per query
-FETCH_SEGMENTS = 32  # sealed segments (a message each) read per query
+FETCH_SEGMENTS = 32  # sealed segments (a message each) read per query, at most
+PAGE_BYTES = (
+    4 * 1024 * 1024
+)  # ... and at most about this many bytes of them (with the page read ahead: twice)
 ACK_FLUSH_S = 0.2  # acknowledged records are deleted this often (one commit), and once the backlog is out
 IDLE_POLL_S = 1.0
 
@@ -79,6 +82,7 @@ class Drain:
         self._max_bytes = max_message_bytes
         self._compress_min = compress_min_bytes
         self._live_every = 0 if live_share <= 0 else max(1, round(1 / live_share))
+        self._segment_page = max(2, min(FETCH_SEGMENTS, PAGE_BYTES // max_message_bytes))
         self.stats = DrainStats()
         self.wake = asyncio.Event()  # "sync now"
         self.lock = asyncio.Lock()  # held while draining: the packer seals only while it is free
@@ -97,7 +101,7 @@ class Drain:
         acked_segments: list[int] = []
         failure: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         tasks: set[asyncio.Task[None]] = set()
-        backlog = _Backlog(self._outbox, self._pack)
+        backlog = _Backlog(self._outbox, self._pack, self._segment_page)
         live_after = await self._outbox.last_id()
         live_seen = self._outbox.records_committed  # the live lane asks again only after a commit
         flush_now = asyncio.Event()
@@ -118,7 +122,9 @@ class Drain:
             else:
                 acked.extend(message.ids)
             self.stats.published(message.records)
-            if caught_up and len(tasks) <= 1:  # the last in flight at the end: delete now, not at the next tick
+            if (
+                caught_up and len(tasks) <= 1
+            ):  # the last in flight at the end: delete now, not at the next tick
                 flush_now.set()
 
         async def delete_acked() -> None:
@@ -155,7 +161,7 @@ class Drain:
                         await self._idle(failure)
                         # New records may sit anywhere in drain order: look again from the top.
                         backlog.close()
-                        backlog = _Backlog(self._outbox, self._pack)
+                        backlog = _Backlog(self._outbox, self._pack, self._segment_page)
                         continue
                 for message in messages:
                     await window.acquire()
@@ -206,9 +212,12 @@ class _Backlog:
     The next page of the current phase is read ahead while this one is published, so the window does not
     run dry while the store thread answers (or commits a batch of deletions first)."""
 
-    def __init__(self, outbox: Outbox, pack: Callable[[list[EncodedRow]], list[Message]]) -> None:
+    def __init__(
+        self, outbox: Outbox, pack: Callable[[list[EncodedRow]], list[Message]], segment_page: int
+    ) -> None:
         self._outbox = outbox
         self._pack = pack
+        self._segment_page = segment_page
         self.cursor = (-1, 0)  # (priority, id) of the last row read
         self.segment_after = 0
         self.phase = "urgent"
@@ -218,7 +227,7 @@ class _Backlog:
         if self.phase == "urgent":
             return self._outbox.encoded_after(*self.cursor, FETCH, below=Priority.TELEMETRY)
         if self.phase == "segments":
-            return self._outbox.segments_after(self.segment_after, FETCH_SEGMENTS)
+            return self._outbox.segments_after(self.segment_after, self._segment_page)
         return self._outbox.encoded_after(*self.cursor, FETCH)
 
     async def next(self, taken: set[int], taken_segments: set[int]) -> list[Message] | None:
