@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable
@@ -202,6 +203,7 @@ class Uplink:
             timeout=cfg.connect_timeout_s,
             max_inflight_messages=cfg.max_inflight,
             max_queued_outgoing_messages=0,  # unlimited in paho: the drain's window bounds it
+            socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
         )
 
     async def run(self) -> None:

@@ -122,14 +122,28 @@ def _seal_stream(
     return Sealed(name, len(rows), seqs[0], seqs[-1], rows_bytes, segment_bytes)
 
 
+# One row for a whole page: the sqlite3 module takes the GIL back after every row it steps, and with the
+# event loop busy publishing, each row then waits for it (a page of 32 took ~5 ms instead of ~0.3 ms).
+# Both aggregates see the page's rows in the same pass, so the lengths cut the joined payloads exactly.
+SELECT_PAGE = (
+    "SELECT json_group_array(json_array(id, name, records, compressed, length(payload))),"
+    " CAST(group_concat(payload, '') AS BLOB) FROM (SELECT g.id, s.name, g.records, g.compressed, g.payload"
+    " FROM segments g JOIN streams s ON s.id = g.stream_id WHERE g.id > ? ORDER BY g.id LIMIT ?)"
+)
+
+
 def select_after(conn: sqlite3.Connection, after_id: int, limit: int) -> list[Segment]:
     """Segments in drain order (oldest first) after segment ``after_id``."""
-    rows = conn.execute(
-        "SELECT g.id, s.name, g.records, g.compressed, g.payload FROM segments g"
-        " JOIN streams s ON s.id = g.stream_id WHERE g.id > ? ORDER BY g.id LIMIT ?",
-        (after_id, limit),
-    ).fetchall()
-    return [Segment(i, name, n, bool(c), bytes(p)) for i, name, n, c, p in rows]
+    meta, joined = conn.execute(SELECT_PAGE, (after_id, limit)).fetchone()
+    out = []
+    at = 0
+    for seg_id, name, records, compressed, size in json.loads(meta):
+        out.append(Segment(seg_id, name, records, bool(compressed), joined[at : at + size]))
+        at += size
+    if at != len(joined or b""):
+        raise sqlite3.DatabaseError(f"segment page: {len(joined or b'')} bytes read for {at} expected")
+    out.sort(key=lambda g: g.id)
+    return out
 
 
 def delete(conn: sqlite3.Connection, ids: list[int]) -> dict[int, tuple[int, int]]:

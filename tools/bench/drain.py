@@ -384,6 +384,7 @@ async def ceiling(args: argparse.Namespace) -> dict[str, Any]:
         timeout=cfg.connect_timeout_s,
         max_inflight_messages=cfg.max_inflight,
         max_queued_outgoing_messages=0,
+        socket_options=((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),),
     ) as client:
 
         async def send(topic: str, payload: bytes, props: Any) -> None:
