@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 
 Publish = Callable[[Message], Awaitable[None]]
 FETCH = 2000  # records read from the outbox per query
-FETCH_SEGMENTS = 32  # sealed segments (a message each) read per query, at most
-PAGE_BYTES = (
-    4 * 1024 * 1024
-)  # ... and at most about this many bytes of them (with the page read ahead: twice)
+# Sealed segments (a message each) read per query: at most this many, and about PAGE_BYTES of them (twice
+# that in memory, with the page read ahead).
+FETCH_SEGMENTS = 32
+PAGE_BYTES = 4 * 1024 * 1024
 ACK_FLUSH_S = 0.2  # acknowledged records are deleted this often (one commit), and once the backlog is out
 IDLE_POLL_S = 1.0
 
@@ -122,10 +122,8 @@ class Drain:
             else:
                 acked.extend(message.ids)
             self.stats.published(message.records)
-            if (
-                caught_up and len(tasks) <= 1
-            ):  # the last in flight at the end: delete now, not at the next tick
-                flush_now.set()
+            if caught_up and len(tasks) <= 1:
+                flush_now.set()  # the last one in flight at the end: delete now, not at the next tick
 
         async def delete_acked() -> None:
             ids, segs = acked[:], acked_segments[:]
