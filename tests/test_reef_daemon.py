@@ -6,6 +6,9 @@ cloud can answer REEF's `.../synchronized`."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from test_access_daemon import (
@@ -24,7 +27,7 @@ from test_access_daemon import (
 from conftest import wait_until
 from mosquitto_fixture import Mosquitto, TlsFiles, free_port, make_tls
 from mqtt_consumer import Consumer
-from pty_pair import pty_pairs_fixture
+from pty_pair import PtyPair, pty_pairs_fixture
 from reef_server import ReefServer
 from tcp_proxy import TcpProxy
 
@@ -55,105 +58,113 @@ def states(daemon) -> dict[int, str]:
     return {row["id"]: row["state"] for row in sessions(daemon)["sessions"]}
 
 
-def test_a_reef_session_starts_the_vehicle_and_its_end_is_pulled_on_reconnect_and_acknowledged(
-    tmp_path, start_daemon, pty_pairs, tls
-):
+@dataclass
+class Rig:
+    reef: ReefServer
+    consumer: Consumer
+    proxy: TcpProxy
+    keypad: PtyPair
+    relay: PtyPair
+    start: Callable[[], Any]  # starts the daemon (REEF faults may be set up first); returns it
+
+
+@pytest.fixture
+def rig(tmp_path, start_daemon, pty_pairs, tls) -> Iterator[Rig]:
+    """REEF (mTLS), a broker behind a proxy the test can cut, a consumer, keypad and relay ptys."""
     with (
         ReefServer(tls) as reef,
         Mosquitto() as broker,
         Consumer("127.0.0.1", broker.port, f"{ROOT}/up/#") as consumer,
     ):
-        reef.add_session(VIN, completion="2026-11-30 08:00:00.000000", initialization="2026-11-30 07:00:00")
-        rental = reef.start_session(VIN)
         proxy = TcpProxy("127.0.0.1", broker.port, port=free_port()).start()
-        try:
-            keypad, relay = pty_pairs("keypad"), pty_pairs("relay")
-            config = access_config(
-                tmp_path, Cloud(tmp_path, broker.port), proxy.port, keypad.device, relay.device,
-                reef_section(reef, tls),
-            )  # fmt: skip
+        keypad, relay = pty_pairs("keypad"), pty_pairs("relay")
+        config = access_config(
+            tmp_path, Cloud(tmp_path, broker.port), proxy.port, keypad.device, relay.device,
+            reef_section(reef, tls),
+        )  # fmt: skip
+
+        def start() -> Any:
             daemon = start_daemon(config)
             daemon.wait_ready()
             relay.expect(RELAY_OFF, timeout=20)
+            return daemon
 
-            wait_until("REEF's sessions pulled", lambda: states(daemon).get(rental["id"]) == "active")
-            assert type_pin(keypad, rental["pin"]) == b"G\n"
-            relay.expect(RELAY_ON)
-            view = sessions(daemon)
-            assert view["reef"]["polls"] >= 1 and view["reef"]["last_error"] is None
-            assert view["access"]["enabled_by"] == rental["id"]
-
-            # Out of coverage, the rental ends at REEF; the vehicle learns it when coverage returns.
-            proxy.cut("reset")
-            wait_until("uplink offline", lambda: not _online(daemon))
-            ended = reef.end_session(VIN)
-            assert ended is not None and ended["id"] == rental["id"]
-            assert states(daemon)[rental["id"]] == "active"  # REEF semantics: valid until the end arrives
-            proxy.restore()
-            wait_until("the end pulled on reconnect", lambda: states(daemon)[rental["id"]] == "ended")
-            relay.expect(RELAY_OFF, timeout=20)
-            assert type_pin(keypad, rental["pin"]) == b"R\n"
-
-            def reef_ack_of_the_end():
-                return next(
-                    (a for a in acks(consumer) if a["source"] == "reef" and
-                     {"id": rental["id"], "from": "active", "to": "ended"} in a["changed"]),
-                    None,
-                )  # fmt: skip
-
-            ack = wait_until("the acknowledgement of the end", reef_ack_of_the_end)
-            # The cloud's side: the latest acknowledgement is what REEF's .../synchronized compares with.
-            reef.vehicle_acknowledged(VIN, {s["id"]: s["state"] for s in ack["sessions"]})
-            assert reef.synchronized(VIN)
-            assert ack["vin"] == VIN and len(ack["sessions"]) == 2
-            assert rental["pin"] not in str(ack)
-
-            wait_until("audit records", lambda: len(audit(consumer)) >= 3)
-            events = [(a["event"], a.get("session_id"), a.get("reason")) for a in audit(consumer)]
-            assert ("pin-accepted", rental["id"], None) in events
-            assert ("start-enable-off", rental["id"], "ended") in events
-            assert any(e == "pin-refused" for e, _, _ in events)  # an ended session keeps no hash to match
-            assert {r.client_cn for r in reef.requests} == {tls.device_cn}
-            assert all(r.path == f"/v1/managed-sessions/vehicles/{VIN}" for r in reef.requests)
+        try:
+            yield Rig(reef, consumer, proxy, keypad, relay, start)
         finally:
             proxy.stop()
 
 
-def test_a_failing_reef_is_counted_and_retried_while_the_last_set_stays_in_force(
-    tmp_path, start_daemon, pty_pairs, tls
-):
-    with ReefServer(tls) as reef, Mosquitto() as broker:
-        rental = reef.start_session(VIN)
-        proxy = TcpProxy("127.0.0.1", broker.port, port=free_port()).start()
-        try:
-            keypad, relay = pty_pairs("keypad"), pty_pairs("relay")
-            config = access_config(
-                tmp_path, Cloud(tmp_path, broker.port), proxy.port, keypad.device, relay.device,
-                reef_section(reef, tls),
-            )  # fmt: skip
-            reef.fail_next(503, count=2)
-            daemon = start_daemon(config)
-            daemon.wait_ready()
-            wait_until("pulled despite the faults", lambda: states(daemon).get(rental["id"]) == "active")
-            view = sessions(daemon)["reef"]
-            assert view["failures"] == {"ReefHttpError": 2}, view
-            assert view["polls"] >= 3 and view["last_error"] is None
+def test_a_reef_session_starts_the_vehicle_and_its_end_is_pulled_on_reconnect_and_acknowledged(rig, tls):
+    reef, keypad, relay, proxy = rig.reef, rig.keypad, rig.relay, rig.proxy
+    reef.add_session(VIN, completion="2026-11-30 08:00:00.000000", initialization="2026-11-30 07:00:00")
+    rental = reef.start_session(VIN)
+    daemon = rig.start()
 
-            # REEF goes away entirely; the next pull (on an MQTT reconnect) fails and is counted, the component
-            # stays up, and the synchronized session still starts the vehicle (offline policy).
-            reef.stop()
-            proxy.cut("reset")
-            wait_until("uplink offline", lambda: not _online(daemon))
-            proxy.restore()
-            wait_until("a failed pull", lambda: sessions(daemon)["reef"]["last_error"] is not None)
-            view = sessions(daemon)["reef"]
-            assert view["failures"].get("ReefUnavailable", 0) >= 1, view
-            assert type_pin(keypad, rental["pin"]) == b"G\n"
-            relay.expect(RELAY_ON)
-            component = next(c for c in daemon_status(daemon)["components"] if c["name"] == "reef")
-            assert component["state"] == "running" and component["restarts"] == 0
-        finally:
-            proxy.stop()
+    wait_until("REEF's sessions pulled", lambda: states(daemon).get(rental["id"]) == "active")
+    assert type_pin(keypad, rental["pin"]) == b"G\n"
+    relay.expect(RELAY_ON)
+    view = sessions(daemon)
+    assert view["reef"]["polls"] >= 1 and view["reef"]["last_error"] is None
+    assert view["access"]["enabled_by"] == rental["id"]
+
+    # Out of coverage, the rental ends at REEF; the vehicle learns it when coverage returns.
+    proxy.cut("reset")
+    wait_until("uplink offline", lambda: not _online(daemon))
+    ended = reef.end_session(VIN)
+    assert ended is not None and ended["id"] == rental["id"]
+    assert states(daemon)[rental["id"]] == "active"  # REEF semantics: valid until the end arrives
+    proxy.restore()
+    wait_until("the end pulled on reconnect", lambda: states(daemon)[rental["id"]] == "ended")
+    relay.expect(RELAY_OFF, timeout=20)
+    assert type_pin(keypad, rental["pin"]) == b"R\n"
+
+    def reef_ack_of_the_end():
+        return next(
+            (a for a in acks(rig.consumer) if a["source"] == "reef" and
+             {"id": rental["id"], "from": "active", "to": "ended"} in a["changed"]),
+            None,
+        )  # fmt: skip
+
+    ack = wait_until("the acknowledgement of the end", reef_ack_of_the_end)
+    # The cloud's side: the latest acknowledgement is what REEF's .../synchronized compares with.
+    reef.vehicle_acknowledged(VIN, {s["id"]: s["state"] for s in ack["sessions"]})
+    assert reef.synchronized(VIN)
+    assert ack["vin"] == VIN and len(ack["sessions"]) == 2
+    assert rental["pin"] not in str(ack)
+
+    wait_until("audit records", lambda: len(audit(rig.consumer)) >= 3)
+    events = [(a["event"], a.get("session_id"), a.get("reason")) for a in audit(rig.consumer)]
+    assert ("pin-accepted", rental["id"], None) in events
+    assert ("start-enable-off", rental["id"], "ended") in events
+    assert any(e == "pin-refused" for e, _, _ in events)  # an ended session keeps no hash to match
+    assert {r.client_cn for r in reef.requests} == {tls.device_cn}
+    assert all(r.path == f"/v1/managed-sessions/vehicles/{VIN}" for r in reef.requests)
+
+
+def test_a_failing_reef_is_counted_and_retried_while_the_last_set_stays_in_force(rig):
+    reef, proxy = rig.reef, rig.proxy
+    rental = reef.start_session(VIN)
+    reef.fail_next(503, count=2)
+    daemon = rig.start()
+    wait_until("pulled despite the faults", lambda: states(daemon).get(rental["id"]) == "active")
+    view = sessions(daemon)["reef"]
+    assert view["failures"] == {"ReefHttpError": 2}, view
+    assert view["polls"] >= 3 and view["last_error"] is None
+
+    # REEF goes away entirely; the next pull (on an MQTT reconnect) fails and is counted, the component
+    # stays up, and the synchronized session still starts the vehicle (offline policy).
+    reef.stop()
+    proxy.cut("reset")
+    wait_until("uplink offline", lambda: not _online(daemon))
+    proxy.restore()
+    wait_until("a failed pull", lambda: sessions(daemon)["reef"]["last_error"] is not None)
+    view = sessions(daemon)["reef"]
+    assert view["failures"].get("ReefUnavailable", 0) >= 1, view
+    assert type_pin(rig.keypad, rental["pin"]) == b"G\n"
+    rig.relay.expect(RELAY_ON)
+    component = next(c for c in daemon_status(daemon)["components"] if c["name"] == "reef")
+    assert component["state"] == "running" and component["restarts"] == 0
 
 
 def daemon_status(daemon) -> dict:
