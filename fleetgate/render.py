@@ -45,7 +45,7 @@ def status(s: dict[str, Any]) -> str:
                 for c in s["components"]
             ],
         ),
-        f"outbox: {s['outbox']['total']} records waiting",
+        f"outbox: {s['outbox']['total']} records waiting" + _packed(s["outbox"]),
     ]
     streams = s["outbox"]["streams"]
     if streams:
@@ -168,6 +168,12 @@ def gps(s: dict[str, Any]) -> str:
     if s["counters"]:
         out.append("counters: " + "  ".join(f"{k}={v}" for k, v in sorted(s["counters"].items())))
     return "\n".join(out)
+
+
+def _packed(outbox: dict[str, Any]) -> str:
+    """The status line's note of how much of the backlog the packer has sealed, if any."""
+    packed = outbox.get("packed") or 0
+    return f" ({packed} packed into messages while offline)" if packed else ""
 
 
 def queue(q: dict[str, Any]) -> str:

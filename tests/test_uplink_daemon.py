@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import signal
 import sqlite3
 import time
@@ -208,6 +209,8 @@ def test_a_backlog_built_offline_drains_when_the_broker_comes_up(tmp_path, start
     offline = status(daemon)
     assert offline["uplink"]["online"] is False
     assert offline["outbox"]["packer"]["records"] >= offline["outbox"]["packed"] > 0
+    text = daemon.cli("status").stdout
+    assert re.search(r"outbox: \d+ records waiting \(\d+ packed into messages while offline\)", text), text
     uplink = next(c for c in offline["components"] if c["name"] == "uplink")
     assert uplink["restarts"] >= 1 and "uplink" in json.dumps(offline)
 
