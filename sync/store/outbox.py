@@ -71,6 +71,7 @@ class _Pending:
 
 
 EVICT_CHUNK = 1000
+NO_PRIORITY = 1 << 31  # above every priority
 
 
 class _Writer:
@@ -367,7 +368,7 @@ def _encoded_after(
     if len(rows) < limit:
         rows += conn.execute(
             SELECT_ENCODED + "WHERE o.priority > ? AND o.priority < ? ORDER BY o.priority, o.id LIMIT ?",
-            (priority, len(Priority) if below is None else below, limit - len(rows)),
+            (priority, NO_PRIORITY if below is None else below, limit - len(rows)),
         ).fetchall()
     return rows
 
