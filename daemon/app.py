@@ -184,7 +184,7 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
             components.append(status.packer)
         if pin_access is not None and pin_access.reef is not None:
             pin_access.reef.reconnected = status.uplink.connected
-        control.register("sync", lambda args: _sync_now(drain))
+        control.register("sync", lambda args: _sync_now(drain, supervisor))
     control.register("queue", lambda args: _queue(outbox))
     control.register("obd", lambda args: obd_view.snapshot() if obd_view else {"enabled": False})
     control.register(
@@ -224,9 +224,10 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
     return EXIT_OK
 
 
-def _sync_now(drain: Any) -> dict[str, bool]:
+def _sync_now(drain: Any, supervisor: Supervisor) -> dict[str, bool]:
+    """Wake the drain; if the uplink is waiting out a backoff after a failed connect, connect now."""
     drain.wake.set()
-    return {"woken": True}
+    return {"woken": True, "reconnecting": supervisor.retry_now("uplink")}
 
 
 async def _queue(outbox: Outbox) -> dict[str, Any]:

@@ -85,12 +85,23 @@ class Supervisor:
         self._components: dict[str, Component] = {}
         self._status: dict[str, ComponentStatus] = {}
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._retry_now: dict[str, asyncio.Event] = {}
 
     def add(self, component: Component) -> None:
         if component.name in self._components:
             raise ValueError(f"component {component.name!r} added twice")
         self._components[component.name] = component
         self._status[component.name] = ComponentStatus(component.name)
+        self._retry_now[component.name] = asyncio.Event()
+
+    def retry_now(self, name: str) -> bool:
+        """Cut the backoff of component ``name`` short (a technician's "sync now" when coverage is back);
+        returns whether it was waiting to restart."""
+        status = self._status.get(name)
+        if status is None or status.state != State.BACKOFF:
+            return False
+        self._retry_now[name].set()
+        return True
 
     def start(self) -> None:
         for name, component in self._components.items():
@@ -143,7 +154,10 @@ class Supervisor:
                 "component restarting",
                 extra={"component": component.name, "delay_s": round(delay, 2), "restarts": status.restarts},
             )
-            await asyncio.sleep(delay)
+            woken = self._retry_now[component.name]
+            woken.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(woken.wait(), delay)
 
     async def stop(self, timeout_s: float = 4.0) -> None:
         """Cancel every component and wait up to ``timeout_s`` for them to finish cleaning up."""

@@ -56,7 +56,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the raw JSON reply")
     sync = sub.add_parser("sync", help="uplink actions")
     sync_sub = sync.add_subparsers(dest="sync_command", required=True, metavar="ACTION")
-    sync_sub.add_parser("now", help="wake the drain at once instead of at its next poll")
+    sync_sub.add_parser(
+        "now", help="connect to the broker now if waiting to retry, and wake the drain at once"
+    )
 
     ses = sub.add_parser(
         "sessions", help="managed sessions: ids, state, sync version and age, lockout (no PINs)"
@@ -140,13 +142,13 @@ def _view(cmd: str, human: Callable[[dict[str, Any]], str]) -> Callable[[argpars
 
 def _sync(args: argparse.Namespace) -> int:
     try:
-        _ask(args, "sync")
+        reply = _ask(args, "sync")
     except ControlError as exc:
         if exc.code == "unknown-command":
             print("fleetgate: the uplink is disabled ([mqtt] enabled = false)", file=sys.stderr)
             return EXIT_FAILURE
         raise
-    print("drain woken")
+    print("reconnecting to the broker now, then draining" if reply.get("reconnecting") else "drain woken")
     return 0
 
 

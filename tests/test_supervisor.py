@@ -118,3 +118,30 @@ def test_stop_does_not_wait_forever_for_a_stubborn_component():
         assert loop.run_until_complete(main()) == "stopped"
     finally:
         loop.close()
+
+
+def test_retry_now_cuts_a_backoff_short_and_only_a_backoff():
+    """`fleetgate sync now` when coverage is back: the uplink must not sit out the rest of a long backoff."""
+
+    async def main():
+        sup = Supervisor(backoff_initial_s=3600, backoff_max_s=3600)
+        flaky, steady = Flaky("flaky", failures=1), Flaky("steady", failures=0)
+        sup.add(flaky)
+        sup.add(steady)
+        sup.start()
+        while sup.statuses[0].state != State.BACKOFF:
+            await asyncio.sleep(0.01)
+        waiting = sup.status_dicts()[0]["retry_in_s"]
+        answers = (sup.retry_now("steady"), sup.retry_now("nobody"), sup.retry_now("flaky"))
+        for _ in range(500):
+            if flaky.starts == 2:
+                break
+            await asyncio.sleep(0.01)
+        status = sup.status_dicts()[0]
+        await sup.stop(1.0)
+        return waiting, answers, flaky.starts, status
+
+    waiting, answers, starts, status = asyncio.run(main())
+    assert waiting > 1000  # it had most of an hour to wait
+    assert answers == (False, False, True)
+    assert starts == 2 and status["state"] == "running" and status["restarts"] == 1

@@ -142,6 +142,7 @@ def uplink_config(
     trust: str = "ca",
     heartbeat_s: float = 0.005,
     max_message_bytes: int = 16384,
+    backoff_s: tuple[float, float] = (0.2, 1.0),
 ) -> Path:
     """MQTT to 127.0.0.1:`port`, a dead link noticed within seconds (keepalive and publish timeout 5 s).
 
@@ -159,8 +160,8 @@ def uplink_config(
         tmp_path,
         f"""
 [supervisor]
-backoff_initial_s = 0.2
-backoff_max_s = 1.0
+backoff_initial_s = {backoff_s[0]}
+backoff_max_s = {backoff_s[1]}
 
 [mqtt]
 enabled = true
@@ -235,6 +236,28 @@ def test_a_backlog_built_offline_drains_when_the_broker_comes_up(tmp_path, start
         assert retained and json.loads(body) == {"online": False}
         copies = assert_nothing_lost(db, consumer.messages)
     assert max(copies.values()) == 1  # no duplicate without a failure to cause one
+
+
+def test_sync_now_connects_at_once_instead_of_waiting_out_the_backoff(tmp_path, start_daemon):
+    """A technician at the depot's Wi-Fi: `fleetgate sync now` must not wait for the uplink's next retry."""
+    port = free_port()
+    daemon = start_daemon(uplink_config(tmp_path, port, heartbeat_s=1.0, backoff_s=(60.0, 60.0)))
+    daemon.wait_ready()
+
+    def uplink_waiting() -> dict[str, Any] | None:
+        component = next(c for c in status(daemon)["components"] if c["name"] == "uplink")
+        return component if component["state"] == "backoff" else None
+
+    retry_in = wait_until("the uplink to back off", uplink_waiting)["retry_in_s"]
+    assert retry_in > 20  # the first delay is 30-60 s
+    with broker_comes_up(port) as (_broker, consumer, _proxy):
+        result = daemon.cli("sync", "now")
+        assert result.returncode == 0 and "reconnecting" in result.stdout, result.stdout + result.stderr
+        # Well before the retry it was waiting for (a connect takes milliseconds).
+        wait_until("online", lambda: status(daemon)["uplink"]["online"], timeout=retry_in - 10)
+        wait_until("the backlog delivered", lambda: delivered(consumer.messages)[0].get("heartbeat"))
+        again = daemon.cli("sync", "now")
+        assert again.returncode == 0 and again.stdout.strip() == "drain woken"
 
 
 def test_kill_9_mid_drain_loses_nothing(tmp_path, start_daemon):
