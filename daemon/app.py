@@ -185,6 +185,9 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
         if pin_access is not None and pin_access.reef is not None:
             pin_access.reef.reconnected = status.uplink.connected
         control.register("sync", lambda args: _sync_now(drain, supervisor))
+        from fleetgate.daemon.net_watch import NetWatch
+
+        components.append(NetWatch(lambda: supervisor.retry_now(status.uplink.name)))
     control.register("queue", lambda args: _queue(outbox))
     control.register("obd", lambda args: obd_view.snapshot() if obd_view else {"enabled": False})
     control.register(

@@ -68,7 +68,9 @@ class NotifySocket:
 class Daemon:
     """A real `fleetgate run` process."""
 
-    def __init__(self, tmp: Path, config: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, tmp: Path, config: Path, env: dict[str, str] | None = None, prefix: list[str] | None = None
+    ) -> None:
         self.tmp = tmp
         self.config = config
         self.stderr_path = tmp / f"daemon-{time.monotonic_ns()}.log"
@@ -77,7 +79,7 @@ class Daemon:
         full_env.pop("FLEETGATE_CONFIG", None)
         with open(self.stderr_path, "wb") as err:
             self.proc = subprocess.Popen(
-                [FLEETGATE, "--config", str(config), "run"],
+                [*(prefix or []), FLEETGATE, "--config", str(config), "run"],  # prefix: e.g. unshare --net
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
@@ -122,8 +124,8 @@ class Daemon:
 def start_daemon(tmp_path: Path) -> Iterator:
     started: list[Daemon] = []
 
-    def start(config: Path, env: dict[str, str] | None = None) -> Daemon:
-        daemon = Daemon(tmp_path, config, env)
+    def start(config: Path, env: dict[str, str] | None = None, prefix: list[str] | None = None) -> Daemon:
+        daemon = Daemon(tmp_path, config, env, prefix)
         started.append(daemon)
         return daemon
 
