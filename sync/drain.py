@@ -23,8 +23,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetgate.sync.envelope import Message, pack_rows
+from fleetgate.sync.envelope import Message, pack_rows, reheaded
 from fleetgate.sync.store import Outbox, Priority
+from fleetgate.sync.store.segments import Segment
 from fleetgate.sync.store.wire import EncodedRow
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class Drain:
         acked_segments: list[int] = []
         failure: asyncio.Future[BaseException] = asyncio.get_running_loop().create_future()
         tasks: set[asyncio.Task[None]] = set()
-        backlog = _Backlog(self._outbox, self._pack, self._segment_page)
+        backlog = self._backlog()
         live_after = await self._outbox.last_id()
         live_seen = self._outbox.records_committed  # the live lane asks again only after a commit
         flush_now = asyncio.Event()
@@ -159,7 +160,7 @@ class Drain:
                         await self._idle(failure)
                         # New records may sit anywhere in drain order: look again from the top.
                         backlog.close()
-                        backlog = _Backlog(self._outbox, self._pack, self._segment_page)
+                        backlog = self._backlog()
                         continue
                 for message in messages:
                     await window.acquire()
@@ -188,6 +189,15 @@ class Drain:
     def _pack(self, records: list[EncodedRow]) -> list[Message]:
         return pack_rows(self._device, self._store_id, records, self._max_bytes, self._compress_min)
 
+    def _from_segment(self, g: Segment) -> Message:
+        payload = g.payload
+        if g.device != self._device:
+            payload = reheaded(payload, g.compressed, g.device, self._device, self._store_id, g.stream)
+        return Message(g.stream, [], payload, g.compressed, g.id, g.records)
+
+    def _backlog(self) -> _Backlog:
+        return _Backlog(self._outbox, self._pack, self._from_segment, self._segment_page)
+
     async def _idle(self, failure: asyncio.Future[BaseException]) -> None:
         """Nothing to take: wait for new records, "sync now", a failure, or a second."""
         self._outbox.appended.clear()
@@ -211,10 +221,15 @@ class _Backlog:
     run dry while the store thread answers (or commits a batch of deletions first)."""
 
     def __init__(
-        self, outbox: Outbox, pack: Callable[[list[EncodedRow]], list[Message]], segment_page: int
+        self,
+        outbox: Outbox,
+        pack: Callable[[list[EncodedRow]], list[Message]],
+        from_segment: Callable[[Segment], Message],
+        segment_page: int,
     ) -> None:
         self._outbox = outbox
         self._pack = pack
+        self._from_segment = from_segment
         self._segment_page = segment_page
         self.cursor = (-1, 0)  # (priority, id) of the last row read
         self.segment_after = 0
@@ -240,11 +255,7 @@ class _Backlog:
             self.phase = "segments" if self.phase == "urgent" else "rows"
         if self.phase == "segments":
             self.segment_after = page[-1].id
-            messages = [
-                Message(g.stream, [], g.payload, g.compressed, g.id, g.records)
-                for g in page
-                if g.id not in taken_segments
-            ]
+            messages = [self._from_segment(g) for g in page if g.id not in taken_segments]
         else:
             self.cursor = (page[-1][2], page[-1][0])
             messages = None

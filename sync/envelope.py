@@ -57,6 +57,25 @@ def pack_rows(
     return out
 
 
+def _head(device: str, store: str, stream: str) -> bytes:
+    return (
+        f'{{"v":{ENVELOPE_VERSION},"device":{json.dumps(device)},"store":{json.dumps(store)},'
+        f'"stream":{json.dumps(stream)},"records":['
+    ).encode()
+
+
+def reheaded(payload: bytes, compressed: bool, sealed_by: str, device: str, store: str, stream: str) -> bytes:
+    """A message packed ahead of time under device id ``sealed_by``, now carrying ``device`` (the id was
+    changed in the configuration meanwhile: the envelope's device must equal the topic's). Rare; costs one
+    decompression and compression."""
+    body = zlib.decompress(payload) if compressed else payload
+    old = _head(sealed_by, store, stream)
+    if not body.startswith(old):
+        raise ValueError(f"sealed message of stream {stream!r} does not start with its envelope head")
+    body = _head(device, store, stream) + body[len(old) :]
+    return zlib.compress(body, DRAIN_LEVEL) if compressed else body
+
+
 def pack_encoded(
     device: str,
     stream: str,
@@ -70,10 +89,7 @@ def pack_encoded(
 
     The drain's path: the store hands records over already encoded (``Outbox.encoded_after``).
     """
-    head = (
-        f'{{"v":{ENVELOPE_VERSION},"device":{json.dumps(device)},"store":{json.dumps(store)},'
-        f'"stream":{json.dumps(stream)},"records":['
-    ).encode()
+    head = _head(device, store, stream)
     ids: list[int] = []
     parts: list[bytes] = []
     size = 0

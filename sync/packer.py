@@ -15,6 +15,7 @@ from typing import Any
 from fleetgate.sync.drain import Drain
 from fleetgate.sync.envelope import SEAL_LEVEL, pack_encoded
 from fleetgate.sync.store import Outbox
+from fleetgate.sync.store.segments import Sealed
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +53,22 @@ class Packer:
         )
         return message.payload, message.compressed
 
-    async def run(self) -> None:
-        while True:
-            async with self._drain.lock:
-                sealed = await self._outbox.seal_next(self.pack, self._max_bytes)
-            if sealed is None:
-                await asyncio.sleep(self._idle_s)
-                continue
+    async def seal_one(self) -> Sealed | None:
+        """One segment, if a stream has a full message's worth of sealable rows (the caller makes sure the
+        drain is not running)."""
+        sealed = await self._outbox.seal_next(self.pack, self._max_bytes, self._device)
+        if sealed is not None:
             self.segments += 1
             self.records += sealed.records
             self.bytes_saved += sealed.rows_bytes - sealed.segment_bytes
+        return sealed
+
+    async def run(self) -> None:
+        while True:
+            async with self._drain.lock:
+                sealed = await self.seal_one()
+            if sealed is None:
+                await asyncio.sleep(self._idle_s)
 
     def snapshot(self) -> dict[str, Any]:
         return {"segments": self.segments, "records": self.records, "bytes_saved": self.bytes_saved}

@@ -51,9 +51,9 @@ def packer_for(outbox: Outbox, db: Database, drain: Drain | None = None) -> Pack
     return Packer(outbox, drain or drain_for(outbox, db), DEVICE, db.store_id, MAX_BYTES, 512)
 
 
-async def seal_all(outbox: Outbox, packer: Packer) -> int:
+async def seal_all(packer: Packer) -> int:
     sealed = 0
-    while await outbox.seal_next(packer.pack, MAX_BYTES) is not None:
+    while await packer.seal_one() is not None:
         sealed += 1
     return sealed
 
@@ -81,7 +81,7 @@ def test_full_messages_of_the_oldest_telemetry_become_the_messages_the_drain_wou
         before = {d.stream: d for d in await outbox.depth()}
         telemetry = [(r[0], r[3]) for r in await outbox.encoded_after(-1, 0, 10_000) if r[1] == "telemetry"]
         expected = list(pack_encoded(DEVICE, "telemetry", telemetry, MAX_BYTES, 10**9, db.store_id))
-        sealed = await seal_all(outbox, packer_for(outbox, db))
+        sealed = await seal_all(packer_for(outbox, db))
         after = {d.stream: d for d in await outbox.depth()}
         left = await outbox.next_batch(10_000)
         await db.close()
@@ -116,9 +116,9 @@ def test_rows_whose_wall_time_may_still_be_corrected_are_sealed_only_once_it_is(
         packer = packer_for(outbox, db)
         await outbox.append([reading(i, trusted=False) for i in range(100)])
         await outbox.append([reading(i) for i in range(100, 300)])  # trusted, but after the untrusted ones
-        untrusted = await seal_all(outbox, packer)
+        untrusted = await seal_all(packer)
         corrected = await outbox.correct_wall_times(offset_ns=5_000, before_mono_ns=10**18)
-        after_trust = await seal_all(outbox, packer)
+        after_trust = await seal_all(packer)
         await db.close()
         return untrusted, corrected, after_trust
 
@@ -135,7 +135,7 @@ def test_untrusted_rows_of_an_earlier_boot_are_sealed(tmp_path):
         db = await Database.open(tmp_path / "s.db")
         await Outbox(db, boot_id="boot-before").append([reading(i, trusted=False) for i in range(200)])
         outbox = Outbox(db, boot_id=BOOT)  # the daemon after a reboot: no correction can reach those
-        sealed = await seal_all(outbox, packer_for(outbox, db))
+        sealed = await seal_all(packer_for(outbox, db))
         await db.close()
         return sealed
 
@@ -173,7 +173,7 @@ def test_quota_evicts_segments_first_and_reports_their_seq_range(tmp_path):
         db = await Database.open(tmp_path / "s.db")
         outbox = Outbox(db, boot_id=BOOT, quotas={"telemetry": 10**9})
         await outbox.append([reading(i) for i in range(300)])
-        await seal_all(outbox, packer_for(outbox, db))
+        await seal_all(packer_for(outbox, db))
         first = segment_rows(tmp_path / "s.db")[0]
         [depth] = await outbox.depth()
         # Now a quota that the first segment's records must go for.
@@ -203,7 +203,7 @@ def test_the_drain_sends_events_then_segments_then_rows_and_each_record_once(tmp
         db = await Database.open(tmp_path / "s.db")
         outbox = Outbox(db, boot_id=BOOT)
         await outbox.append([reading(i) for i in range(300)])
-        await seal_all(outbox, packer_for(outbox, db))
+        await seal_all(packer_for(outbox, db))
         await outbox.append([event(i) for i in range(3)])  # newer than the backlog, still first
         drain = drain_for(outbox, db)
         async with aiomqtt.Client("127.0.0.1", port, protocol=aiomqtt.ProtocolVersion.V5) as client:
@@ -256,7 +256,7 @@ def test_acknowledging_scrubs_less_but_leaves_the_connections_secure_delete_as_i
         db = await Database.open(tmp_path / "s.db")
         outbox = Outbox(db, boot_id=BOOT)
         await outbox.append([reading(i) for i in range(300)])
-        await seal_all(outbox, packer_for(outbox, db))
+        await seal_all(packer_for(outbox, db))
 
         def setting(conn):
             return conn.execute("PRAGMA secure_delete").fetchone()[0]
@@ -273,3 +273,35 @@ def test_acknowledging_scrubs_less_but_leaves_the_connections_secure_delete_as_i
     before, after, freed, [depth] = asyncio.run(main())
     assert after == before
     assert freed == 300 and (depth.depth, depth.packed, depth.bytes) == (0, 0, 0)
+
+
+def test_segments_sealed_under_an_old_device_id_go_out_under_the_current_one(tmp_path):
+    """docs/mqtt.md: an envelope's device always equals the topic's. A device id changed in the configuration
+    while a packed backlog waited must not send envelopes naming the old one."""
+    published: list[Message] = []
+
+    async def main():
+        db = await Database.open(tmp_path / "s.db")
+        outbox = Outbox(db, boot_id=BOOT)
+        await outbox.append([reading(i) for i in range(300)])
+        drain = drain_for(outbox, db)
+        sealed = await seal_all(Packer(outbox, drain, "old-id", db.store_id, MAX_BYTES, 512))
+        expected = [envelope(g.payload, g.compressed) for g in await outbox.segments_after(0, 100)]
+
+        async def publish(message: Message) -> None:
+            published.append(message)
+
+        task = asyncio.create_task(drain.run(publish))
+        while sum(d.depth for d in await outbox.depth()) > 0:
+            await asyncio.sleep(0.02)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        await db.close()
+        return sealed, expected
+
+    sealed, expected = asyncio.run(main())
+    segments = [m for m in published if m.segment is not None]
+    assert sealed > 0 and len(segments) == sealed
+    got = [envelope(m.payload, m.compressed) for m in segments]
+    assert {e["device"] for e in expected} == {"old-id"} and {e["device"] for e in got} == {DEVICE}
+    assert [e["records"] for e in got] == [e["records"] for e in expected]

@@ -44,7 +44,9 @@ def test_an_ended_session_never_comes_back():
     """Guards against a late retained message (or a REEF answer in flight) re-opening a finished rental."""
     book = SessionBook()
     book.merge([Incoming(3, "v3", T0, pin="633911")], ns(T0), KEY, {})
-    book.merge([Incoming(3, "v3", T0, completion=T0 + timedelta(hours=1))], ns(T0 + timedelta(hours=1)), KEY, {})
+    book.merge(
+        [Incoming(3, "v3", T0, completion=T0 + timedelta(hours=1))], ns(T0 + timedelta(hours=1)), KEY, {}
+    )
     assert book.sessions[3].state == "ended" and book.sessions[3].pin_hash is None
     changes = book.merge([Incoming(3, "v3", T0, pin="633911")], ns(T0), KEY, {})
     assert changes == [] and book.sessions[3].state == "ended"
@@ -54,7 +56,9 @@ def test_a_session_missing_from_a_newer_set_ends_but_an_older_set_cannot_end_a_n
     book = SessionBook()
     book.merge([Incoming(3, "v3", T0, pin="111111")], ns(T0), KEY, {})
     # A set made before session 4 started does not list it: it must not end it.
-    book.merge([Incoming(4, "v4", T0 + timedelta(minutes=10), pin="222222")], ns(T0 + timedelta(minutes=10)), KEY, {})
+    book.merge(
+        [Incoming(4, "v4", T0 + timedelta(minutes=10), pin="222222")], ns(T0 + timedelta(minutes=10)), KEY, {}
+    )
     assert book.sessions[3].state == "ended" and book.sessions[3].ended == "removed"
     changes = book.merge([Incoming(3, "v3", T0, pin="111111")], ns(T0 + timedelta(minutes=5)), KEY, {})
     assert book.sessions[4].state == "active", "an older set ended a session it could not know"
@@ -63,7 +67,9 @@ def test_a_session_missing_from_a_newer_set_ends_but_an_older_set_cannot_end_a_n
 
 def test_the_book_survives_a_round_trip_through_json():
     book = SessionBook()
-    book.merge([Incoming(3, "v3", T0, pin="633911"), Incoming(2, "v2", T0, T0)], ns(T0), KEY, {3: ns(T0) + 3600 * S})
+    book.merge(
+        [Incoming(3, "v3", T0, pin="633911"), Incoming(2, "v2", T0, T0)], ns(T0), KEY, {3: ns(T0) + 3600 * S}
+    )
     book.mark = SyncMark("mqtt", ns(T0), True, 7, T0.isoformat(), "ab" * 32)
     again = SessionBook.from_json(book.as_json())
     assert again.sessions == book.sessions and again.mark == book.mark

@@ -60,6 +60,7 @@ MIGRATIONS: list[list[str]] = [
         """CREATE TABLE segments (
                id INTEGER PRIMARY KEY,
                stream_id INTEGER NOT NULL REFERENCES streams(id),
+               device TEXT NOT NULL,          -- the device id its envelope carries
                first_seq INTEGER NOT NULL,
                last_seq INTEGER NOT NULL,
                records INTEGER NOT NULL,

@@ -281,12 +281,14 @@ class Outbox:
             return 0
         return await self._db.run(_acknowledge, list(ids), list(segment_ids))
 
-    async def seal_next(self, pack: Pack, max_bytes: int) -> Sealed | None:
+    async def seal_next(self, pack: Pack, max_bytes: int, device: str) -> Sealed | None:
         """Replace a full message's worth of a stream's oldest telemetry rows by one segment, packed by
-        ``pack`` (see sync/store/segments.py); None when no stream has that many sealable rows."""
+        ``pack`` for ``device`` (see sync/store/segments.py); None when no stream has that many sealable
+        rows."""
+        boot_id = self._writer.boot_id
 
         def seal(conn: sqlite3.Connection) -> Sealed | None:
-            return transaction(conn, lambda c: segments.seal_next(c, self._writer.boot_id, pack, max_bytes))
+            return transaction(conn, lambda c: segments.seal_next(c, boot_id, device, pack, max_bytes))
 
         return await self._db.run(seal)
 

@@ -42,6 +42,7 @@ Pack = Callable[[str, list[tuple[int, bytes]]], tuple[bytes, bool]]
 class Segment(NamedTuple):
     id: int
     stream: str
+    device: str  # the device id its envelope carries
     records: int
     compressed: bool
     payload: bytes
@@ -67,17 +68,20 @@ SCAN = (
 )
 
 
-def seal_next(conn: sqlite3.Connection, boot_id: str, pack: Pack, max_bytes: int) -> Sealed | None:
-    """Seal one full message of the first stream that has one; None when no stream has."""
+def seal_next(
+    conn: sqlite3.Connection, boot_id: str, device: str, pack: Pack, max_bytes: int
+) -> Sealed | None:
+    """Seal one full message of the first stream that has one (``pack`` builds it for ``device``); None
+    when no stream has."""
     for stream_id, name in conn.execute("SELECT id, name FROM streams ORDER BY id").fetchall():
-        sealed = _seal_stream(conn, stream_id, name, boot_id, pack, max_bytes)
+        sealed = _seal_stream(conn, stream_id, name, boot_id, device, pack, max_bytes)
         if sealed is not None:
             return sealed
     return None
 
 
 def _seal_stream(
-    conn: sqlite3.Connection, stream_id: int, name: str, boot_id: str, pack: Pack, max_bytes: int
+    conn: sqlite3.Connection, stream_id: int, name: str, boot_id: str, device: str, pack: Pack, max_bytes: int
 ) -> Sealed | None:
     # The same fill rule as envelope.pack_encoded: records while they fit, one alone if it is bigger.
     rows: list[tuple[int, bytes]] = []
@@ -106,9 +110,9 @@ def _seal_stream(
         return None
     payload, compressed = pack(name, rows)
     conn.execute(
-        "INSERT INTO segments(stream_id, first_seq, last_seq, records, first_wall_ns, compressed, payload)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (stream_id, seqs[0], seqs[-1], len(rows), first_wall, int(compressed), payload),
+        "INSERT INTO segments(stream_id, device, first_seq, last_seq, records, first_wall_ns, compressed, payload)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (stream_id, device, seqs[0], seqs[-1], len(rows), first_wall, int(compressed), payload),
     )
     # Exactly the rows scanned: this stream's telemetry rows are consecutive in that id range.
     conn.execute(
@@ -126,8 +130,9 @@ def _seal_stream(
 # event loop busy publishing, each row then waits for it (a page of 32 took ~5 ms instead of ~0.3 ms).
 # Both aggregates see the page's rows in the same pass, so the lengths cut the joined payloads exactly.
 SELECT_PAGE = (
-    "SELECT json_group_array(json_array(id, name, records, compressed, length(payload))),"
-    " CAST(group_concat(payload, '') AS BLOB) FROM (SELECT g.id, s.name, g.records, g.compressed, g.payload"
+    "SELECT json_group_array(json_array(id, name, device, records, compressed, length(payload))),"
+    " CAST(group_concat(payload, '') AS BLOB) FROM (SELECT g.id, s.name, g.device, g.records, g.compressed,"
+    " g.payload"
     " FROM segments g JOIN streams s ON s.id = g.stream_id WHERE g.id > ? ORDER BY g.id LIMIT ?)"
 )
 
@@ -137,8 +142,8 @@ def select_after(conn: sqlite3.Connection, after_id: int, limit: int) -> list[Se
     meta, joined = conn.execute(SELECT_PAGE, (after_id, limit)).fetchone()
     out = []
     at = 0
-    for seg_id, name, records, compressed, size in json.loads(meta):
-        out.append(Segment(seg_id, name, records, bool(compressed), joined[at : at + size]))
+    for seg_id, name, device, records, compressed, size in json.loads(meta):
+        out.append(Segment(seg_id, name, device, records, bool(compressed), joined[at : at + size]))
         at += size
     if at != len(joined or b""):
         raise sqlite3.DatabaseError(f"segment page: {len(joined or b'')} bytes read for {at} expected")

@@ -183,7 +183,7 @@ async def pack_offline(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     packer = Packer(outbox, drain, DEVICE, db.store_id, cfg.max_message_bytes, cfg.compress_min_bytes)
     bytes_before = sum(d.bytes for d in await outbox.depth())
     start, cpu = time.perf_counter(), _cpu_s()
-    while await outbox.seal_next(packer.pack, cfg.max_message_bytes) is not None:
+    while await packer.seal_one() is not None:
         pass
     elapsed, cpu = time.perf_counter() - start, _cpu_s() - cpu
     depth = await outbox.depth()
