@@ -6,10 +6,12 @@ This module only wires parts together; each part lives in its own module.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fleetgate import __version__
@@ -184,10 +186,11 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
             components.append(status.packer)
         if pin_access is not None and pin_access.reef is not None:
             pin_access.reef.reconnected = status.uplink.connected
-        control.register("sync", lambda args: _sync_now(drain, supervisor))
+        reconnect_now = functools.partial(supervisor.retry_now, status.uplink.name)
+        control.register("sync", lambda args: _sync_now(drain, reconnect_now))
         from fleetgate.daemon.net_watch import NetWatch
 
-        components.append(NetWatch(lambda: supervisor.retry_now(status.uplink.name)))
+        components.append(NetWatch(reconnect_now))
     control.register("queue", lambda args: _queue(outbox))
     control.register("obd", lambda args: obd_view.snapshot() if obd_view else {"enabled": False})
     control.register(
@@ -227,10 +230,10 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
     return EXIT_OK
 
 
-def _sync_now(drain: Any, supervisor: Supervisor) -> dict[str, bool]:
+def _sync_now(drain: Any, reconnect_now: Callable[[], bool]) -> dict[str, bool]:
     """Wake the drain; if the uplink is waiting out a backoff after a failed connect, connect now."""
     drain.wake.set()
-    return {"woken": True, "reconnecting": supervisor.retry_now("uplink")}
+    return {"woken": True, "reconnecting": reconnect_now()}
 
 
 async def _queue(outbox: Outbox) -> dict[str, Any]:

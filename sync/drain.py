@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -192,7 +193,11 @@ class Drain:
     def _from_segment(self, g: Segment) -> Message:
         payload = g.payload
         if g.device != self._device:
-            payload = reheaded(payload, g.compressed, g.device, self._device, self._store_id, g.stream)
+            try:
+                payload = reheaded(payload, g.compressed, g.device, self._device, self._store_id, g.stream)
+            except (ValueError, zlib.error) as exc:
+                # A damaged segment must not stall the uplink for ever: it goes as stored, and says so.
+                log.error("sealed message could not be re-headed", extra={"segment": g.id, "error": str(exc)})
         return Message(g.stream, [], payload, g.compressed, g.id, g.records)
 
     def _backlog(self) -> _Backlog:

@@ -305,3 +305,43 @@ def test_segments_sealed_under_an_old_device_id_go_out_under_the_current_one(tmp
     got = [envelope(m.payload, m.compressed) for m in segments]
     assert {e["device"] for e in expected} == {"old-id"} and {e["device"] for e in got} == {DEVICE}
     assert [e["records"] for e in got] == [e["records"] for e in expected]
+
+
+def test_a_damaged_segment_that_cannot_be_re_headed_goes_as_stored_and_the_drain_goes_on(tmp_path, caplog):
+    """Guards against one bad row stalling the uplink for ever (the drain failing on it at every reconnect)."""
+    import sqlite3
+
+    published: list[Message] = []
+
+    async def main():
+        db = await Database.open(tmp_path / "s.db")
+        outbox = Outbox(db, boot_id=BOOT)
+        await outbox.append([reading(i) for i in range(300)])
+        drain = drain_for(outbox, db)
+        sealed = await seal_all(Packer(outbox, drain, "old-id", db.store_id, MAX_BYTES, 512))
+
+        def damage(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE segments SET payload = x'00ff00ff' WHERE id = (SELECT min(id) FROM segments)"
+            )
+
+        await db.run(damage)
+
+        async def publish(message: Message) -> None:
+            published.append(message)
+
+        task = asyncio.create_task(drain.run(publish))
+        while sum(d.depth for d in await outbox.depth()) > 0 and not task.done():
+            await asyncio.sleep(0.02)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        depth = await outbox.depth()
+        await db.close()
+        return sealed, depth
+
+    sealed, [depth] = asyncio.run(main())
+    segments = [m for m in published if m.segment is not None]
+    assert len(segments) == sealed and segments[0].payload == b"\x00\xff\x00\xff"
+    assert {envelope(m.payload, m.compressed)["device"] for m in segments[1:]} == {DEVICE}
+    assert depth.depth == 0
+    assert any("could not be re-headed" in r.getMessage() for r in caplog.records)
