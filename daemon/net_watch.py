@@ -62,7 +62,6 @@ class NetWatch:
     def __init__(self, on_up: Callable[[], Any], settle_s: float = SETTLE_S) -> None:
         self._on_up = on_up
         self._settle_s = settle_s
-        self.changes = 0
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -81,7 +80,6 @@ class NetWatch:
                     continue
                 await asyncio.sleep(self._settle_s)
                 _discard_pending(sock)
-                self.changes += 1
                 woke = self._on_up()
                 log.info("network came up", extra={"uplink_woken": bool(woke)})
 

@@ -9,15 +9,12 @@ are. It never runs while the drain does (it waits for the drain's lock), so no r
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
 
 from fleetgate.sync.drain import Drain
 from fleetgate.sync.envelope import SEAL_LEVEL, pack_encoded
 from fleetgate.sync.store import Outbox
 from fleetgate.sync.store.segments import Sealed
-
-log = logging.getLogger(__name__)
 
 IDLE_S = 5.0  # nothing to seal: look again after this
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
+import sqlite3
 import zlib
 from pathlib import Path
 from typing import Any
@@ -19,6 +19,7 @@ from fleetgate.sync.mqtt_link import _properties
 from fleetgate.sync.packer import Packer
 from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, Stamp
 
+from conftest import wait_until
 from mosquitto_fixture import Mosquitto
 from mqtt_consumer import Consumer
 
@@ -58,9 +59,35 @@ async def seal_all(packer: Packer) -> int:
     return sealed
 
 
-def segment_rows(db_path: Path) -> list[tuple[str, int, int, int, dict[str, Any]]]:
-    import sqlite3
+async def drain_until_empty(outbox: Outbox, drain: Drain, publish: Any) -> None:
+    """Run the drain until the outbox is empty (or the drain fails), then stop it."""
+    task = asyncio.create_task(drain.run(publish))
+    while not task.done() and sum(d.depth for d in await outbox.depth()) > 0:
+        await asyncio.sleep(0.02)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
+
+async def backlog_sealed_as(path: Path, device: str) -> tuple[Database, Outbox, Drain, int]:
+    """300 readings sealed by a packer that had ``device`` as its id; the drain has DEVICE."""
+    db = await Database.open(path)
+    outbox = Outbox(db, boot_id=BOOT)
+    await outbox.append([reading(i) for i in range(300)])
+    drain = drain_for(outbox, db)
+    sealed = await seal_all(Packer(outbox, drain, device, db.store_id, MAX_BYTES, 512))
+    return db, outbox, drain, sealed
+
+
+def published_to(messages: list[Message]) -> Any:
+    """The drain's publish, for tests that look at the messages it makes: keeps each, acknowledges at once."""
+
+    async def publish(message: Message) -> None:
+        messages.append(message)
+
+    return publish
+
+
+def segment_rows(db_path: Path) -> list[tuple[str, int, int, int, dict[str, Any]]]:
     conn = sqlite3.connect(db_path)
     try:
         rows = conn.execute(
@@ -213,24 +240,21 @@ def test_the_drain_sends_events_then_segments_then_rows_and_each_record_once(tmp
                 topic = f"fleetgate/v1/{DEVICE}/up/{message.stream}"
                 await client.publish(topic, message.payload, 1, properties=_properties(message))
 
-            task = asyncio.create_task(drain.run(publish))
-            for _ in range(500):
-                await asyncio.sleep(0.02)
-                if task.done() or sum(d.depth for d in await outbox.depth()) == 0:
-                    break
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+            await drain_until_empty(outbox, drain, publish)
         depth = await outbox.depth()
         await db.close()
         return depth
 
     with Mosquitto() as broker, Consumer("127.0.0.1", broker.port, f"fleetgate/v1/{DEVICE}/#") as consumer:
         depth = asyncio.run(main(broker.port))
-        for _ in range(100):
-            if sum(len(envelope(p, ("content-encoding", "zlib") in pr.get("UserProperty", []))["records"])
-                   for _t, p, _q, _r, pr in consumer.messages) >= 303:  # fmt: skip
-                break
-            time.sleep(0.05)
+
+        def records_received() -> int:
+            return sum(
+                len(envelope(p, ("content-encoding", "zlib") in pr.get("UserProperty", []))["records"])
+                for _t, p, _q, _r, pr in consumer.messages
+            )
+
+        wait_until("every record at the consumer", lambda: records_received() >= 303, timeout=10)
         received = consumer.messages
 
     assert all(d.depth == 0 and d.packed == 0 and d.bytes == 0 for d in depth)
@@ -281,21 +305,9 @@ def test_segments_sealed_under_an_old_device_id_go_out_under_the_current_one(tmp
     published: list[Message] = []
 
     async def main():
-        db = await Database.open(tmp_path / "s.db")
-        outbox = Outbox(db, boot_id=BOOT)
-        await outbox.append([reading(i) for i in range(300)])
-        drain = drain_for(outbox, db)
-        sealed = await seal_all(Packer(outbox, drain, "old-id", db.store_id, MAX_BYTES, 512))
+        db, outbox, drain, sealed = await backlog_sealed_as(tmp_path / "s.db", "old-id")
         expected = [envelope(g.payload, g.compressed) for g in await outbox.segments_after(0, 100)]
-
-        async def publish(message: Message) -> None:
-            published.append(message)
-
-        task = asyncio.create_task(drain.run(publish))
-        while sum(d.depth for d in await outbox.depth()) > 0:
-            await asyncio.sleep(0.02)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await drain_until_empty(outbox, drain, published_to(published))
         await db.close()
         return sealed, expected
 
@@ -309,16 +321,10 @@ def test_segments_sealed_under_an_old_device_id_go_out_under_the_current_one(tmp
 
 def test_a_damaged_segment_that_cannot_be_re_headed_goes_as_stored_and_the_drain_goes_on(tmp_path, caplog):
     """Guards against one bad row stalling the uplink for ever (the drain failing on it at every reconnect)."""
-    import sqlite3
-
     published: list[Message] = []
 
     async def main():
-        db = await Database.open(tmp_path / "s.db")
-        outbox = Outbox(db, boot_id=BOOT)
-        await outbox.append([reading(i) for i in range(300)])
-        drain = drain_for(outbox, db)
-        sealed = await seal_all(Packer(outbox, drain, "old-id", db.store_id, MAX_BYTES, 512))
+        db, outbox, drain, sealed = await backlog_sealed_as(tmp_path / "s.db", "old-id")
 
         def damage(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -326,15 +332,7 @@ def test_a_damaged_segment_that_cannot_be_re_headed_goes_as_stored_and_the_drain
             )
 
         await db.run(damage)
-
-        async def publish(message: Message) -> None:
-            published.append(message)
-
-        task = asyncio.create_task(drain.run(publish))
-        while sum(d.depth for d in await outbox.depth()) > 0 and not task.done():
-            await asyncio.sleep(0.02)
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
+        await drain_until_empty(outbox, drain, published_to(published))
         depth = await outbox.depth()
         await db.close()
         return sealed, depth

@@ -285,12 +285,7 @@ class Outbox:
         """Replace a full message's worth of a stream's oldest telemetry rows by one segment, packed by
         ``pack`` for ``device`` (see sync/store/segments.py); None when no stream has that many sealable
         rows."""
-        boot_id = self._writer.boot_id
-
-        def seal(conn: sqlite3.Connection) -> Sealed | None:
-            return transaction(conn, lambda c: segments.seal_next(c, boot_id, device, pack, max_bytes))
-
-        return await self._db.run(seal)
+        return await self._db.run(segments.seal_next, self._writer.boot_id, device, pack, max_bytes)
 
     async def segments_after(self, after_id: int, limit: int) -> list[Segment]:
         return await self._db.run(segments.select_after, after_id, limit)

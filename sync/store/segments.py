@@ -5,8 +5,8 @@ compressed and deleted at the moment coverage returns, which is when time on the
 there is no link, the packer (``fleetgate.sync.packer``) replaces each full message's worth of a stream's
 oldest telemetry rows with one segment: the uplink message (docs/mqtt.md) exactly as it will be published,
 with its seq range and record count. When the link is back the drain publishes segments as they are and
-deletes one row per message. Compressed at leisure, a segment also holds ~9x less disk than its rows, so
-the same quota keeps a longer outage.
+deletes one row per message. Compressed at leisure, a segment also holds ~5x less disk than its rows
+(tools/bench/drain.py: 126 MB of rows became 26 MB), so the same quota keeps a longer outage.
 
 What keeps the outbox's promises:
 
@@ -19,7 +19,8 @@ What keeps the outbox's promises:
   ``Outbox.correct_wall_times``); such a row ends the prefix until trust arrives.
 - Never while the drain runs, which holds rows in flight: the packer takes the drain's lock.
 
-Every function here runs on the store thread inside the caller's transaction.
+Every function here runs on the store thread; ``seal_next`` makes its own transaction, the others run in
+the caller's.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from fleetgate.sync.store.database import transaction
 from fleetgate.sync.store.records import ROW_OVERHEAD, Eviction, Priority
 from fleetgate.sync.store.wire import ENCODED_RECORD, FROM_RECORDS
 
@@ -50,10 +52,7 @@ class Segment(NamedTuple):
 
 @dataclass(frozen=True)
 class Sealed:
-    stream: str
     records: int
-    first_seq: int
-    last_seq: int
     rows_bytes: int  # what the rows held (quota accounting)
     segment_bytes: int  # what the segment holds instead
 
@@ -72,58 +71,80 @@ def seal_next(
     conn: sqlite3.Connection, boot_id: str, device: str, pack: Pack, max_bytes: int
 ) -> Sealed | None:
     """Seal one full message of the first stream that has one (``pack`` builds it for ``device``); None
-    when no stream has."""
+    when no stream has.
+
+    Scanning and packing only read: the store thread is the database's one writer, so nothing changes the
+    rows between the scan and the transaction that replaces them."""
+    found = _first_full_prefix(conn, boot_id, max_bytes)
+    if found is None:
+        return None
+    stream_id, name, prefix = found
+    payload, compressed = pack(name, prefix.rows)
+    segment_bytes = len(payload) + ROW_OVERHEAD
+
+    def replace(conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO segments(stream_id, device, first_seq, last_seq, records, first_wall_ns, compressed,"
+            " payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (stream_id, device, prefix.first_seq, prefix.last_seq, len(prefix.rows), prefix.first_wall_ns,
+             int(compressed), payload),
+        )  # fmt: skip
+        # Exactly the rows scanned: this stream's telemetry rows are consecutive in that id range.
+        conn.execute(
+            "DELETE FROM outbox WHERE stream_id = ? AND priority = ? AND id BETWEEN ? AND ?",
+            (stream_id, int(Priority.TELEMETRY), prefix.rows[0][0], prefix.rows[-1][0]),
+        )
+        conn.execute(
+            "UPDATE streams SET bytes = bytes - ? + ? WHERE id = ?",
+            (prefix.rows_bytes, segment_bytes, stream_id),
+        )
+
+    transaction(conn, replace)
+    return Sealed(len(prefix.rows), prefix.rows_bytes, segment_bytes)
+
+
+@dataclass
+class _Prefix:
+    rows: list[tuple[int, bytes]]  # (row id, encoded record)
+    first_seq: int
+    last_seq: int
+    first_wall_ns: int
+    rows_bytes: int
+
+
+def _first_full_prefix(
+    conn: sqlite3.Connection, boot_id: str, max_bytes: int
+) -> tuple[int, str, _Prefix] | None:
     for stream_id, name in conn.execute("SELECT id, name FROM streams ORDER BY id").fetchall():
-        sealed = _seal_stream(conn, stream_id, name, boot_id, device, pack, max_bytes)
-        if sealed is not None:
-            return sealed
+        prefix = _full_prefix(conn, stream_id, boot_id, max_bytes)
+        if prefix is not None:
+            return stream_id, name, prefix
     return None
 
 
-def _seal_stream(
-    conn: sqlite3.Connection, stream_id: int, name: str, boot_id: str, device: str, pack: Pack, max_bytes: int
-) -> Sealed | None:
-    # The same fill rule as envelope.pack_encoded: records while they fit, one alone if it is bigger.
-    rows: list[tuple[int, bytes]] = []
-    seqs: list[int] = []
-    first_wall = 0
-    size = rows_bytes = 0
-    full = False
+def _full_prefix(conn: sqlite3.Connection, stream_id: int, boot_id: str, max_bytes: int) -> _Prefix | None:
+    """The stream's oldest sealable telemetry rows that fill one message, or None if they do not (yet).
+
+    The same fill rule as envelope.pack_encoded: records while they fit, one alone if it is bigger."""
+    prefix: _Prefix | None = None
+    size = 0
     cursor = conn.execute(SCAN, (boot_id, stream_id, int(Priority.TELEMETRY)))
     try:
-        while not full and (page := cursor.fetchmany(SCAN_PAGE)):
+        while page := cursor.fetchmany(SCAN_PAGE):
             for row_id, seq, wall_ns, payload_len, sealable, encoded in page:
                 if not sealable:
                     return None
-                if rows and size + len(encoded) + 1 > max_bytes:
-                    full = True
-                    break
-                if not rows:
-                    first_wall = wall_ns
-                rows.append((row_id, encoded))
-                seqs.append(seq)
+                if prefix is None:
+                    prefix = _Prefix([], seq, seq, wall_ns, 0)
+                elif size + len(encoded) + 1 > max_bytes:
+                    return prefix
+                prefix.rows.append((row_id, encoded))
+                prefix.last_seq = seq
+                prefix.rows_bytes += payload_len + ROW_OVERHEAD
                 size += len(encoded) + 1
-                rows_bytes += payload_len + ROW_OVERHEAD
     finally:
         cursor.close()
-    if not full:
-        return None
-    payload, compressed = pack(name, rows)
-    conn.execute(
-        "INSERT INTO segments(stream_id, device, first_seq, last_seq, records, first_wall_ns, compressed, payload)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        (stream_id, device, seqs[0], seqs[-1], len(rows), first_wall, int(compressed), payload),
-    )
-    # Exactly the rows scanned: this stream's telemetry rows are consecutive in that id range.
-    conn.execute(
-        "DELETE FROM outbox WHERE stream_id = ? AND priority = ? AND id BETWEEN ? AND ?",
-        (stream_id, int(Priority.TELEMETRY), rows[0][0], rows[-1][0]),
-    )
-    segment_bytes = len(payload) + ROW_OVERHEAD
-    conn.execute(
-        "UPDATE streams SET bytes = bytes - ? + ? WHERE id = ?", (rows_bytes, segment_bytes, stream_id)
-    )
-    return Sealed(name, len(rows), seqs[0], seqs[-1], rows_bytes, segment_bytes)
+    return None
 
 
 # One row for a whole page: the sqlite3 module takes the GIL back after every row it steps, and with the
@@ -159,7 +180,7 @@ def delete(conn: sqlite3.Connection, ids: list[int]) -> dict[int, tuple[int, int
         " WHERE id IN (SELECT value FROM json_each(?)) GROUP BY stream_id",
         (ROW_OVERHEAD, doomed),
     ).fetchall()
-    conn.execute("DELETE FROM segments WHERE id IN (SELECT value FROM json_each(?))", (doomed,))
+    _delete(conn, doomed)
     return {sid: (int(n), int(size)) for sid, n, size in freed}
 
 
@@ -182,7 +203,9 @@ def evict_oldest(conn: sqlite3.Connection, stream_id: int, held: int, quota: int
             doomed.append(seg_id)
             held -= size + ROW_OVERHEAD
             ev.add(records, size + ROW_OVERHEAD, first_seq, last_seq)
-        conn.execute(
-            "DELETE FROM segments WHERE id IN (SELECT value FROM json_each(?))", (json.dumps(doomed),)
-        )
+        _delete(conn, json.dumps(doomed))
     return held
+
+
+def _delete(conn: sqlite3.Connection, ids_json: str) -> None:
+    conn.execute("DELETE FROM segments WHERE id IN (SELECT value FROM json_each(?))", (ids_json,))
