@@ -1,4 +1,4 @@
-"""A test-side MQTT subscriber: paho-mqtt 2.x, MQTT 5, clean start, QoS-1 subscriptions, own thread.
+"""A test-side MQTT subscriber: paho-mqtt 2.x, MQTT 5, clean start or a kept session, QoS-1 subscriptions, own thread.
 
     with Consumer("127.0.0.1", broker.port, ["fleetgate/#"], tls=tls) as consumer:
         ...
@@ -20,6 +20,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -57,8 +58,14 @@ class Consumer:
         client_id: str | None = None,
         *,
         keepalive: int = 30,
+        session_expiry_s: int | None = None,
     ) -> None:
+        """`session_expiry_s`: a kept session, as docs/mqtt.md tells consumers to use: the broker holds the
+        QoS-1 messages it accepted for it that long after a disconnect, across its own restarts, and a
+        consumer with the same `client_id` takes them up. (Clean Start is then 0 from the first connect:
+        mosquitto 2.0.11 does not carry a session begun with Clean Start 1 across a restart, expiry or not.)"""
         self.host = host
+        self.session_expiry_s = session_expiry_s
         self.port = port
         self.topics = [topics] if isinstance(topics, str) else list(topics)
         self.client_id = client_id or f"fleetgate-test-consumer-{uuid.uuid4().hex[:8]}"
@@ -131,7 +138,13 @@ class Consumer:
 
     def start(self, timeout: float = 10.0) -> Consumer:
         """Connect, subscribe, and return once the broker has acknowledged the subscriptions."""
-        self._client.connect(self.host, self.port, keepalive=self.keepalive, clean_start=True)
+        props = None
+        if self.session_expiry_s is not None:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = self.session_expiry_s
+        self._client.connect(
+            self.host, self.port, keepalive=self.keepalive, clean_start=props is None, properties=props
+        )
         self._client.loop_start()
         self._started = True
         deadline = time.monotonic() + timeout

@@ -178,14 +178,20 @@ max_message_bytes = {max_message_bytes}
 
 @contextlib.contextmanager
 def broker_comes_up(
-    port: int, tls: TlsFiles | None = None, topics: str = f"fleetgate/v1/{DEVICE}/#"
+    port: int,
+    tls: TlsFiles | None = None,
+    topics: str = f"fleetgate/v1/{DEVICE}/#",
+    session_expiry_s: int | None = None,
 ) -> Iterator:
     """A broker, and a consumer already subscribed, before the daemon (configured for `port`) can reach it.
 
     Starting the broker on `port` itself would race: the retrying daemon may publish before the consumer
     has subscribed, and those messages would look lost. So the broker listens on a port of its own and a
     proxy opens `port` only once the consumer listens. Yields (broker, consumer, proxy)."""
-    with Mosquitto(tls=tls) as broker, Consumer("127.0.0.1", broker.port, topics, tls=tls) as consumer:
+    with (
+        Mosquitto(tls=tls) as broker,
+        Consumer("127.0.0.1", broker.port, topics, tls=tls, session_expiry_s=session_expiry_s) as consumer,
+    ):
         proxy = TcpProxy("127.0.0.1", broker.port, port=port).start()
         try:
             yield broker, consumer, proxy
@@ -316,20 +322,26 @@ def test_broker_stopped_mid_drain_and_restarted_loses_nothing(tmp_path, start_da
     """The broker goes away with messages in flight; they are sent again once it is back.
 
     (A broker killed with SIGKILL may lose what it had already acknowledged: that is the broker's durability,
-    not the gateway's, so the broker is stopped here, not killed.)"""
+    not the gateway's, so the broker is stopped here, not killed. And the consumer keeps its session, as
+    docs/mqtt.md tells consumers to: what the broker acknowledged and had not yet forwarded when it stopped
+    is the consumer's once it resumes, not lost.)"""
     port = free_port()
     db = tmp_path / "state" / "fleetgate.db"
     daemon = start_daemon(uplink_config(tmp_path, port))
     daemon.wait_ready()
     wait_until("a backlog", lambda: status(daemon)["outbox"]["total"] > 3000)
-    with broker_comes_up(port) as (broker, consumer, proxy):
+    with broker_comes_up(port, session_expiry_s=3600) as (broker, consumer, proxy):
         wait_until("some deliveries", lambda: len(consumer.messages) > 3)
         broker.stop()
         wait_until("the daemon to notice", lambda: status(daemon)["uplink"]["online"] is False, timeout=30)
+        consumer.stop()  # before the restart: paho would reconnect with a clean start and drop the session
         first_part = list(consumer.messages)
         proxy.cut("reset")  # the daemon stays out until the new consumer listens (see broker_comes_up)
         broker.restart()
-        with Consumer("127.0.0.1", broker.port, f"fleetgate/v1/{DEVICE}/#") as again:
+        with Consumer(
+            "127.0.0.1", broker.port, f"fleetgate/v1/{DEVICE}/#",
+            client_id=consumer.client_id, session_expiry_s=3600,
+        ) as again:  # fmt: skip
             proxy.restore()
             wait_until("online again", lambda: status(daemon)["uplink"]["online"], timeout=30)
             wait_until("a caught-up outbox", lambda: status(daemon)["outbox"]["total"] < 200, timeout=90)
