@@ -1,4 +1,6 @@
-"""Configuration: the typed schema (``schema``), the TOML loader (``loader``) and the shipped files."""
+"""Configuration: the typed schema (``schema``), the TOML loader (``loader``), the signal catalogue (``signals``)
+and the shipped files. Imports nothing of fleetgate but itself.
+"""
 
 from fleetgate.config.loader import ConfigError, load_config
 from fleetgate.config.schema import Config

@@ -14,6 +14,7 @@ from typing import Annotated, Literal, get_args, get_origin
 from pydantic import AfterValidator, BaseModel, Field, model_validator
 
 from fleetgate.config.access import KeypadConfig, SessionsConfig, StartEnableConfig
+from fleetgate.config.signals import CATALOGUE
 from fleetgate.config.types import ResolvedPath, SecretFile, Section, resolve_device
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
@@ -175,9 +176,6 @@ class ObdConfig(Section):
 
     @model_validator(mode="after")
     def _schedule_is_sane(self) -> ObdConfig:
-        # The catalogue is plain data; imported here so the config package stays importable on its own.
-        from fleetgate.daemon.signals import CATALOGUE
-
         obd_signals = sorted(name for name, s in CATALOGUE.items() if s.source.startswith("OBD"))
         unknown = [name for name in self.schedule if name not in obd_signals]
         if unknown:

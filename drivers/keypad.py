@@ -27,7 +27,7 @@ command for a timeout or a clear, the refused command for a too-long or spoiled 
 
 Latency: the port's fd is watched with the event loop's ``add_reader`` (no polling): the ``#`` is parsed in
 the same loop iteration that the kernel reports it readable, and ``PinEntered.at_mono_ns`` is taken then
-(``CLOCK_BOOTTIME``, as ``fleetgate.daemon.clock.mono_ns``). Feedback writes never block the loop.
+(``CLOCK_BOOTTIME``, as ``fleetgate.daemon.runtime.clock.mono_ns``). Feedback writes never block the loop.
 
 Unplug and reconnect: the driver does not reconnect by itself. An unplugged device (the fd reports readable
 and returns no data, or an I/O error) ends ``entries()`` with ``KeypadError`` naming the port; the owner

@@ -18,7 +18,7 @@ from fleetgate import __version__, render
 from fleetgate.config import ConfigError, load_config
 from fleetgate.config.loader import DEFAULT_CONFIG_PATH
 from fleetgate.config.schema import Config, schema_markdown
-from fleetgate.daemon.control_protocol import ControlError, DaemonNotRunning, request
+from fleetgate.daemon.runtime.control_protocol import ControlError, DaemonNotRunning, request
 
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
@@ -106,7 +106,7 @@ def _print_problems(error: ConfigError) -> None:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fleetgate.daemon.app import run_daemon
-    from fleetgate.daemon.logs import setup_logging
+    from fleetgate.daemon.runtime.logs import setup_logging
 
     try:
         config = _load(args)
@@ -179,7 +179,7 @@ def _pin(args: argparse.Namespace) -> int:
 
 
 def _cmd_signals(args: argparse.Namespace) -> int:
-    from fleetgate.daemon.signals import signals_markdown
+    from fleetgate.config.signals import signals_markdown
 
     sys.stdout.write(signals_markdown())
     return 0

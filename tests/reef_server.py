@@ -27,7 +27,7 @@ Routes (under ``/v1``, shapes as in ``shared/seeds/reef-managed-sessions-api.md`
 
 The TLS side is what REEF requires: the server certificate from ``tls``, client certificates verified
 against ``tls.ca`` (``CERT_REQUIRED``). A refused client certificate never reaches the handlers; note that
-asyncio's TLS closes such a connection without sending an alert (see ``fleetgate.sync.reef``).
+asyncio's TLS closes such a connection without sending an alert (see ``fleetgate.sync.reef.client``).
 
 Every request that reaches the application is recorded (``requests``: method, path, client CN, status).
 Faults for the next N matching requests: ``fail_next`` (a status), ``malformed_next`` (bytes that are not

@@ -9,12 +9,12 @@ import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from fleetgate.daemon.access import AccessController, AccessPolicy
-from fleetgate.daemon.clock import Clock, mono_ns
-from fleetgate.daemon.lockout import Lockout, LockoutPolicy
-from fleetgate.daemon.readings import ReadingSink
-from fleetgate.daemon.session_book import SessionBook
-from fleetgate.daemon.session_policy import OfflineAge
+from fleetgate.daemon.access.controller import AccessController, AccessPolicy
+from fleetgate.daemon.access.lockout import Lockout, LockoutPolicy
+from fleetgate.daemon.access.session_book import SessionBook
+from fleetgate.daemon.access.session_policy import OfflineAge
+from fleetgate.daemon.runtime.clock import Clock, mono_ns
+from fleetgate.daemon.runtime.readings import ReadingSink
 from fleetgate.drivers.output import LogOnly
 from fleetgate.sync.store import Database, Outbox
 

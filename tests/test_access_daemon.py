@@ -20,8 +20,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from test_mqtt_contract import check_envelope
 from test_uplink_daemon import decode
 
-from fleetgate.sync.device_keys import device_public_key_b64, generate_secret_file
-from fleetgate.sync.session_set import seal_session_set
+from fleetgate.sync.crypto.device_keys import device_public_key_b64, generate_secret_file
+from fleetgate.sync.crypto.session_set import seal_session_set
 
 from conftest import FLEETGATE, wait_until, write_config
 from mosquitto_fixture import Mosquitto, free_port

@@ -141,7 +141,7 @@ def test_configuration_reference_is_current():
 
 
 def test_signal_catalogue_docs_are_current():
-    from fleetgate.daemon.signals import signals_markdown
+    from fleetgate.config.signals import signals_markdown
 
     docs = Path(__file__).parent.parent / "docs" / "signals.md"
     assert docs.read_text() == signals_markdown(), "run: fleetgate signals > docs/signals.md"

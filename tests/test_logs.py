@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 
-from fleetgate.daemon.logs import JsonFormatter, LogfmtFormatter
+from fleetgate.daemon.runtime.logs import JsonFormatter, LogfmtFormatter
 
 
 def make_record(**extra) -> logging.LogRecord:

@@ -23,10 +23,10 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from fleetgate.daemon.clock import Clock
-from fleetgate.daemon.readings import ReadingSink
-from fleetgate.daemon.signals import CATALOGUE
-from fleetgate.sync.envelope import pack_rows
+from fleetgate.config.signals import CATALOGUE
+from fleetgate.daemon.runtime.clock import Clock
+from fleetgate.daemon.runtime.readings import ReadingSink
+from fleetgate.sync.mqtt.envelope import pack_rows
 from fleetgate.sync.store import Database, Outbox
 
 from conftest import daemon_config, wait_until
@@ -199,7 +199,7 @@ def test_the_schemas_name_every_signal_and_event_the_code_emits():
     assert set(fallback["properties"]["signal"]["not"]["enum"]) == set(CATALOGUE)
 
     pattern = re.compile(r'(?:\.record|emit_now)\(\s*"([a-z][a-z0-9-]*)"')
-    sources = [*ROOT.joinpath("daemon").glob("*.py"), *ROOT.joinpath("sync").rglob("*.py")]
+    sources = [*ROOT.joinpath("daemon").rglob("*.py"), *ROOT.joinpath("sync").rglob("*.py")]
     emitted = {name for path in sources for name in pattern.findall(path.read_text())}
     assert len(emitted) >= 10, emitted  # the scan itself works
     assert event_branches() == emitted, "docs/mqtt.md's event schema differs from the events the code emits"

@@ -1,4 +1,4 @@
-"""daemon/net_watch.py: rtnetlink messages that add connectivity wake the uplink at once; everything else,
+"""daemon/uplink/net_watch.py: rtnetlink messages that add connectivity wake the uplink at once; everything else,
 malformed input included, does nothing. The daemon test runs fleetgate in a network namespace of its own
 whose loopback interface is down (no coverage), then brings it up and starts a broker there."""
 
@@ -12,7 +12,7 @@ from typing import Any
 
 from test_uplink_daemon import status, uplink_config
 
-from fleetgate.daemon.net_watch import (
+from fleetgate.daemon.uplink.net_watch import (
     IFF_RUNNING,
     IFF_UP,
     IFINFOMSG,

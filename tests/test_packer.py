@@ -1,4 +1,4 @@
-"""Sealed segments (sync/store/segments.py, sync/packer.py): while offline, a full message's worth of a stream's
+"""Sealed segments (sync/store/segments.py, sync/mqtt/packer.py): while offline, a full message's worth of a stream's
 oldest telemetry becomes the very message the drain would send; nothing is lost, duplicated or reordered
 against events, and the rules that keep time corrections and quotas right hold."""
 
@@ -13,10 +13,10 @@ from typing import Any
 
 import aiomqtt
 
-from fleetgate.sync.drain import Drain
-from fleetgate.sync.envelope import Message, pack_encoded
-from fleetgate.sync.mqtt_link import _properties
-from fleetgate.sync.packer import Packer
+from fleetgate.sync.mqtt.drain import Drain
+from fleetgate.sync.mqtt.envelope import Message, pack_encoded
+from fleetgate.sync.mqtt.link import _properties
+from fleetgate.sync.mqtt.packer import Packer
 from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, Stamp
 
 from conftest import wait_until

@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 
-from fleetgate.daemon.clock import Clock
-from fleetgate.daemon.events import Events
-from fleetgate.daemon.quota_watch import QuotaWatch
-from fleetgate.daemon.status import stream_rows
+from fleetgate.daemon.runtime.clock import Clock
+from fleetgate.daemon.runtime.events import Events
+from fleetgate.daemon.runtime.quota_watch import QuotaWatch
+from fleetgate.daemon.runtime.status import stream_rows
 from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, Stamp
 
 STAMP = Stamp(1, 1, False)

@@ -9,11 +9,11 @@ import time
 import pytest
 
 from fleetgate.config.schema import TripsConfig
-from fleetgate.daemon.clock import Clock, mono_ns
-from fleetgate.daemon.dtc import DtcTracker
-from fleetgate.daemon.events import Events
-from fleetgate.daemon.readings import ReadingSink
-from fleetgate.daemon.trip_recorder import TripRecorder
+from fleetgate.daemon.runtime.clock import Clock, mono_ns
+from fleetgate.daemon.runtime.events import Events
+from fleetgate.daemon.runtime.readings import ReadingSink
+from fleetgate.daemon.telemetry.dtc import DtcTracker
+from fleetgate.daemon.telemetry.trip_recorder import TripRecorder
 from fleetgate.sync.store import Database, Outbox, StateStore
 
 S = 1_000_000_000
@@ -228,7 +228,7 @@ def test_late_gps_trust_corrects_earlier_records_of_this_boot(tmp_path):
 @pytest.mark.parametrize("value", [0.1, 1e16, -3.5e-9, 42, -7, True, None, 'text "q" é', {"a": [1, 2.5]}])
 def test_fast_payload_encoding_equals_json(value):
     """Guards the hot-path encoder against drifting from what json.dumps would write."""
-    from fleetgate.daemon.readings import _TEMPLATES, _encode_value
+    from fleetgate.daemon.runtime.readings import _TEMPLATES, _encode_value
 
     prefix, suffix, unit = _TEMPLATES["rpm"]
     payload = prefix + _encode_value(value) + suffix

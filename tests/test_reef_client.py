@@ -1,4 +1,4 @@
-"""The REEF client (fleetgate.sync.reef) against a real mTLS aiohttp server playing REEF (reef_server.py).
+"""The REEF client (fleetgate.sync.reef.client) against a real mTLS aiohttp server playing REEF (reef_server.py).
 
 Refused client certificates are tested twice: against aiohttp, which closes without a TLS alert, and against
 a blocking OpenSSL server that sends one, under TLS 1.3 and TLS 1.2 each.
@@ -21,7 +21,7 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from fleetgate.sync.reef import (
+from fleetgate.sync.reef.client import (
     ManagedSession,
     ReefClient,
     ReefConfigError,

@@ -6,10 +6,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from fleetgate.daemon.lockout import Lockout, LockoutPolicy
-from fleetgate.daemon.session_book import LocalSession, SessionBook, SyncMark
-from fleetgate.daemon.session_policy import OfflineAge, refusal_reason
-from fleetgate.sync.device_keys import pin_matches
+from fleetgate.daemon.access.lockout import Lockout, LockoutPolicy
+from fleetgate.daemon.access.session_book import LocalSession, SessionBook, SyncMark
+from fleetgate.daemon.access.session_policy import OfflineAge, refusal_reason
+from fleetgate.sync.crypto.device_keys import pin_matches
 
 KEY = bytes(range(32))
 T0 = datetime(2026, 11, 22, 8, 0, tzinfo=UTC)

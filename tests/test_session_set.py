@@ -18,7 +18,7 @@ import pytest
 from nacl.public import PrivateKey, SealedBox
 from nacl.signing import SigningKey
 
-from fleetgate.sync.device_keys import (
+from fleetgate.sync.crypto.device_keys import (
     DeviceSecretError,
     box_key,
     device_public_key_b64,
@@ -28,7 +28,7 @@ from fleetgate.sync.device_keys import (
     pin_matches,
     read_secret_file,
 )
-from fleetgate.sync.session_set import (
+from fleetgate.sync.crypto.session_set import (
     REASONS,
     SIGNING_PREFIX,
     SessionGrant,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 
-from fleetgate.daemon.supervisor import Backoff, State, Supervisor
+from fleetgate.daemon.runtime.supervisor import Backoff, State, Supervisor
 
 
 class Flaky:

@@ -7,7 +7,7 @@ import math
 import polyline
 import pytest
 
-from fleetgate.daemon.trips import IgnitionDetector, Trip, TripThresholds, haversine_m
+from fleetgate.daemon.telemetry.trips import IgnitionDetector, Trip, TripThresholds, haversine_m
 
 S = 1_000_000_000  # ns per second
 TH = TripThresholds()

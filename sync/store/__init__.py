@@ -1,4 +1,6 @@
-"""The SQLite store: one WAL database with an outbox (append-only records) and state tables."""
+"""The SQLite store: one WAL database with an outbox (append-only records), packed segments and state tables.
+Imports nothing of fleetgate but itself: every other room builds on it.
+"""
 
 from fleetgate.sync.store.database import Database, RecoveryReport, StoreError
 from fleetgate.sync.store.outbox import Outbox

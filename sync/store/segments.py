@@ -2,7 +2,7 @@
 
 A backlog built offline is a long run of small rows. Drained row by row, every record is read, packed,
 compressed and deleted at the moment coverage returns, which is when time on the link is scarcest. So while
-there is no link, the packer (``fleetgate.sync.packer``) replaces each full message's worth of a stream's
+there is no link, the packer (``fleetgate.sync.mqtt.packer``) replaces each full message's worth of a stream's
 oldest telemetry rows with one segment: the uplink message (docs/mqtt.md) exactly as it will be published,
 with its seq range and record count. When the link is back the drain publishes segments as they are and
 deletes one row per message. Compressed at leisure, a segment also holds ~5x less disk than its rows

@@ -4,7 +4,7 @@ and deleted), time to the first delivery, and the draining process's peak memory
 
 The path measured is the daemon's own: ``Drain`` + ``Uplink`` (aiomqtt, MQTT 5, PUBACK reason codes
 checked) under the real ``Supervisor`` (restart backoff 0.05-0.1 s instead of the configured 1-60 s), with
-the real health message (``StatusSource`` + the daemon's ``_health``, which counts the backlog), the
+the real health message (``StatusSource`` + the uplink feature's ``health``, which counts the backlog), the
 outbox opened with the daemon's durability (``synchronous=full``), and acknowledged records deleted.
 
 Three processes, so each figure belongs to one phase:
@@ -138,8 +138,8 @@ def _drive(n: int, seed: int = 7) -> Iterator[tuple[str, Any, tuple[int, int, bo
 
 async def build_backlog(path: Path, n: int) -> dict[str, Any]:
     from fleetgate.config.schema import StoreConfig
-    from fleetgate.daemon.clock import Clock
-    from fleetgate.daemon.readings import ReadingSink
+    from fleetgate.daemon.runtime.clock import Clock
+    from fleetgate.daemon.runtime.readings import ReadingSink
     from fleetgate.sync.store import Database, Outbox, Stamp
 
     db = await Database.open(path, "normal")  # building is not measured; the drain reopens with "full"
@@ -172,8 +172,8 @@ async def build_backlog(path: Path, n: int) -> dict[str, Any]:
 async def pack_offline(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     """What the daemon's packer does while the broker is unreachable: seal the backlog into segments, with
     the daemon's durability, until nothing is left to seal (the tail of less than a message stays rows)."""
-    from fleetgate.sync.drain import Drain
-    from fleetgate.sync.packer import Packer
+    from fleetgate.sync.mqtt.drain import Drain
+    from fleetgate.sync.mqtt.packer import Packer
     from fleetgate.sync.store import Database, Outbox
 
     cfg = mqtt_config(args)
@@ -332,13 +332,13 @@ async def pack_like_the_drain(path: Path, cfg: Any) -> list[tuple[str, bytes, An
     urgent than telemetry, then the sealed segments as stored, then the other rows, FETCH records at a time
     in drain order (priority, then id), per stream (priority, stream, id) split by size, compressed above
     the threshold."""
-    from fleetgate.sync.drain import FETCH
-    from fleetgate.sync.envelope import Message, pack_rows
-    from fleetgate.sync.mqtt_link import _properties
+    from fleetgate.sync.mqtt.drain import FETCH
+    from fleetgate.sync.mqtt.envelope import Message, pack_rows
+    from fleetgate.sync.mqtt.link import _properties
+    from fleetgate.sync.mqtt.topics import Topics
     from fleetgate.sync.store import Database, Priority
     from fleetgate.sync.store.segments import select_after
     from fleetgate.sync.store.wire import SELECT_ENCODED
-    from fleetgate.sync.topics import Topics
 
     topics = Topics(cfg.topic_root, DEVICE)
 
@@ -421,15 +421,15 @@ async def ceiling(args: argparse.Namespace) -> dict[str, Any]:
 
 async def drain(args: argparse.Namespace) -> dict[str, Any]:
     from fleetgate.config.schema import Config, DeviceConfig, SupervisorConfig
-    from fleetgate.daemon.app import _health
-    from fleetgate.daemon.clock import Clock
-    from fleetgate.daemon.logs import setup_logging
-    from fleetgate.daemon.status import StatusSource
-    from fleetgate.daemon.supervisor import Supervisor
-    from fleetgate.sync.drain import Drain, DrainStats
-    from fleetgate.sync.mqtt_link import Uplink
+    from fleetgate.daemon.runtime.clock import Clock
+    from fleetgate.daemon.runtime.logs import setup_logging
+    from fleetgate.daemon.runtime.status import StatusSource
+    from fleetgate.daemon.runtime.supervisor import Supervisor
+    from fleetgate.daemon.uplink.feature import health, uplink_view
+    from fleetgate.sync.mqtt.drain import Drain, DrainStats
+    from fleetgate.sync.mqtt.link import Uplink
+    from fleetgate.sync.mqtt.topics import Topics
     from fleetgate.sync.store import Database, Outbox
-    from fleetgate.sync.topics import Topics
 
     setup_logging("info", "logfmt")  # as the daemon does; stderr goes to a file the parent reads
     cfg = mqtt_config(args)
@@ -461,14 +461,14 @@ async def drain(args: argparse.Namespace) -> dict[str, Any]:
     )
     drainer.stats = TimedStats()
 
-    async def health() -> dict[str, Any]:
+    async def timed_health() -> dict[str, Any]:
         marks.setdefault("connected", time.monotonic())
-        body = await _health(status)
+        body = await health(status)
         marks.setdefault("health_built", time.monotonic())
         return body
 
-    uplink = Uplink(cfg, Topics(cfg.topic_root, DEVICE), drainer, health)
-    status.uplink = uplink
+    uplink = Uplink(cfg, Topics(cfg.topic_root, DEVICE), drainer, timed_health)
+    status.add_view("uplink", lambda snap: uplink_view(uplink.snapshot(), snap["outbox"]["total"]))
     refused = asyncio.Event()
     failures_after_connect: list[float] = []
 

@@ -23,8 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from fleetgate.daemon.clock import Clock
-from fleetgate.daemon.readings import ReadingSink
+from fleetgate.daemon.runtime.clock import Clock
+from fleetgate.daemon.runtime.readings import ReadingSink
 from fleetgate.sync.store import Database, Outbox
 
 SIGNALS = [("vehicle_speed", 42.5), ("rpm", 1830.0), ("engine_load", 31.37), ("coolant_temp", 88.0)]

@@ -133,7 +133,7 @@ def publish_session_set(port: int, signing_key: Any, device_key: str) -> None:
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from fleetgate.sync.session_set import seal_session_set
+    from fleetgate.sync.crypto.session_set import seal_session_set
 
     payload = seal_session_set(
         device=DEVICE,
@@ -177,7 +177,7 @@ def main() -> int:
 
     from nacl.signing import SigningKey
 
-    from fleetgate.sync.device_keys import device_public_key_b64, generate_secret_file
+    from fleetgate.sync.crypto.device_keys import device_public_key_b64, generate_secret_file
 
     with tempfile.TemporaryDirectory(prefix="fleetgate-pin-bench-") as tmp_s:
         tmp = Path(tmp_s)

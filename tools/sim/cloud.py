@@ -37,14 +37,14 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from fleetgate.sync.device_keys import (
+from fleetgate.sync.crypto.device_keys import (
     DeviceSecretError,
     device_public_key_b64,
     generate_secret_file,
     read_secret_file,
 )
-from fleetgate.sync.session_set import seal_session_set
-from fleetgate.sync.topics import Topics
+from fleetgate.sync.crypto.session_set import seal_session_set
+from fleetgate.sync.mqtt.topics import Topics
 
 
 def _fail(message: str) -> SystemExit:

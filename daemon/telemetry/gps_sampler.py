@@ -13,9 +13,9 @@ from collections.abc import Callable
 from typing import Any
 
 from fleetgate.config.schema import GpsConfig
-from fleetgate.daemon.clock import Clock
-from fleetgate.daemon.readings import ReadingSink
-from fleetgate.daemon.trip_recorder import TripRecorder
+from fleetgate.daemon.runtime.clock import Clock
+from fleetgate.daemon.runtime.readings import ReadingSink
+from fleetgate.daemon.telemetry.trip_recorder import TripRecorder
 from fleetgate.drivers.gps import GpsdClient, GpsdError, GpsFix, GpsSky
 
 log = logging.getLogger(__name__)

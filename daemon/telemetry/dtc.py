@@ -10,8 +10,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from fleetgate.daemon.clock import Clock
-from fleetgate.daemon.events import Events, iso_utc
+from fleetgate.daemon.runtime.clock import Clock
+from fleetgate.daemon.runtime.events import Events, iso_utc
 from fleetgate.sync.store import StateStore
 
 log = logging.getLogger(__name__)

@@ -14,9 +14,9 @@ from collections import deque
 from typing import Any
 
 from fleetgate.config.schema import TripsConfig
-from fleetgate.daemon.clock import Clock
-from fleetgate.daemon.events import Events, iso_utc
-from fleetgate.daemon.trips import IgnitionDetector, Trip, TripThresholds, geojson_point
+from fleetgate.daemon.runtime.clock import Clock
+from fleetgate.daemon.runtime.events import Events, iso_utc
+from fleetgate.daemon.telemetry.trips import IgnitionDetector, Trip, TripThresholds, geojson_point
 from fleetgate.sync.store import Stamp, StateStore
 
 log = logging.getLogger(__name__)

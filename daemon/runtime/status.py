@@ -1,15 +1,21 @@
-"""What ``fleetgate status`` shows, the heartbeat carries and systemd's status line summarises."""
+"""What ``fleetgate status`` shows, the heartbeat carries and systemd's status line summarises.
+
+The runtime's own sections (device, time, components, outbox, alerts, store) are built here; each feature adds
+its own (``uplink``, ``outbox.packer`` ...) as a view, given the snapshot built so far.
+"""
 
 from __future__ import annotations
 
+import inspect
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fleetgate import __version__
 from fleetgate.config import Config
-from fleetgate.daemon.clock import Clock
-from fleetgate.daemon.supervisor import State, Supervisor
+from fleetgate.daemon.runtime.clock import Clock
+from fleetgate.daemon.runtime.feature import StatusView
+from fleetgate.daemon.runtime.supervisor import State, Supervisor
 from fleetgate.sync.store import Database, Outbox
 from fleetgate.sync.store.outbox import StreamDepth
 
@@ -22,15 +28,21 @@ class StatusSource:
     database: Database
     outbox: Outbox
     started_mono: float
-    uplink: Any = None  # fleetgate.sync.mqtt_link.Uplink when MQTT is enabled
-    packer: Any = None  # fleetgate.sync.packer.Packer when it seals the backlog offline
+    _views: dict[tuple[str, ...], StatusView] = field(default_factory=dict)
+
+    def add_view(self, path: str, view: StatusView) -> None:
+        """``view`` fills the section at ``path`` ("uplink", or "outbox.packer" inside a runtime section)."""
+        key = tuple(path.split("."))
+        if key in self._views:
+            raise ValueError(f"status section {path!r} added twice")
+        self._views[key] = view
 
     async def snapshot(self) -> dict[str, Any]:
         trust = self.clock.trust
         depth = await self.outbox.depth()
         streams = stream_rows(depth, self.outbox.quotas)
         recovery = self.database.recovery
-        return {
+        snap: dict[str, Any] = {
             "version": __version__,
             "device": {"id": self.config.device.id, "role": self.config.device.role},
             "uptime_s": round(time.monotonic() - self.started_mono, 1),
@@ -39,7 +51,6 @@ class StatusSource:
             "outbox": {
                 "total": sum(d.depth for d in depth),
                 "packed": sum(d.packed for d in depth),
-                "packer": None if self.packer is None else self.packer.snapshot(),
                 "commits": self.outbox.commits,
                 "records_committed": self.outbox.records_committed,
                 "streams": streams,
@@ -50,7 +61,6 @@ class StatusSource:
                 for s in streams
                 if s["over_quota"]
             ],
-            "uplink": self._uplink(sum(d.depth for d in depth)),
             "store": {
                 "path": str(self.database.path),
                 "schema_version": self.database.schema_version,
@@ -59,6 +69,13 @@ class StatusSource:
                 else {"reason": recovery.reason, "moved_to": str(recovery.moved_to)},
             },
         }
+        for (*parents, name), view in self._views.items():
+            section = snap
+            for parent in parents:
+                section = section[parent]
+            value = view(snap)
+            section[name] = await value if inspect.isawaitable(value) else value
+        return snap
 
     def summary_line(self) -> str:
         statuses = self.supervisor.statuses
@@ -71,14 +88,6 @@ class StatusSource:
             "trusted (" + self.clock.trust.source + ")" if self.clock.trust.trusted else "untrusted"
         )
         return line
-
-    def _uplink(self, backlog: int) -> dict[str, Any]:
-        if self.uplink is None:
-            return {"enabled": False, "online": False}
-        view = self.uplink.snapshot()
-        rate = view["drain_rate_per_s"]
-        view["eta_s"] = round(backlog / rate, 1) if rate > 0 and backlog else (0.0 if not backlog else None)
-        return view
 
 
 def stream_rows(depth: list[StreamDepth], quotas: dict[str, int]) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import logging
 import time
 from typing import Any
 
-from fleetgate.daemon.clock import Clock
+from fleetgate.daemon.runtime.clock import Clock
 from fleetgate.sync.store import Appended, NewRecord, Outbox, Priority, Stamp
 
 log = logging.getLogger(__name__)

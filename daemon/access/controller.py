@@ -20,13 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from fleetgate.daemon.clock import Clock, mono_ns
-from fleetgate.daemon.lockout import Lockout
-from fleetgate.daemon.session_book import SessionBook
-from fleetgate.daemon.session_policy import STATE_KEY as AGE_KEY
-from fleetgate.daemon.session_policy import OfflineAge, refusal_reason
+from fleetgate.daemon.access.lockout import Lockout
+from fleetgate.daemon.access.session_book import SessionBook
+from fleetgate.daemon.access.session_policy import STATE_KEY as AGE_KEY
+from fleetgate.daemon.access.session_policy import OfflineAge, refusal_reason
+from fleetgate.daemon.runtime.clock import Clock, mono_ns
 from fleetgate.drivers.output import OutputError, StartEnable
-from fleetgate.sync.device_keys import pin_matches
+from fleetgate.sync.crypto.device_keys import pin_matches
 from fleetgate.sync.store import NewRecord, Outbox, Priority
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Protocol
 
-from fleetgate.sync.device_keys import hash_pin
+from fleetgate.sync.crypto.device_keys import hash_pin
 
 STATE_KEY = "sessions.book"
 KEEP_ENDED = 50  # ended sessions remembered (so that a late message cannot revive them); oldest dropped

@@ -24,7 +24,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetgate.sync.envelope import Message, pack_rows, reheaded
+from fleetgate.sync.mqtt.envelope import Message, pack_rows, reheaded
 from fleetgate.sync.store import Outbox, Priority
 from fleetgate.sync.store.segments import Segment
 from fleetgate.sync.store.wire import EncodedRow

@@ -26,9 +26,9 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fleetgate.config.schema import MqttConfig
-from fleetgate.sync.drain import Drain
-from fleetgate.sync.envelope import CONTENT_TYPE, Message
-from fleetgate.sync.topics import Topics
+from fleetgate.sync.mqtt.drain import Drain
+from fleetgate.sync.mqtt.envelope import CONTENT_TYPE, Message
+from fleetgate.sync.mqtt.topics import Topics
 
 log = logging.getLogger(__name__)
 
@@ -178,13 +178,16 @@ class Uplink:
         drain: Drain,
         health: Any,
         downlink: dict[str, Downlink] | None = None,
+        connected: asyncio.Event | None = None,
     ) -> None:
         self._config = config
         self._topics = topics
         self._drain = drain
         self._health = health  # async () -> dict: the status to publish in the health message
-        self._downlink = {topics.downlink(name): handler for name, handler in (downlink or {}).items()}
-        self.connected = asyncio.Event()  # set on every connect; who cares about reconnects clears it
+        # Handlers by topic name under down/; read at each connect, so a registry still being filled will do.
+        self._downlink = {} if downlink is None else downlink
+        # Set on every connect; who cares about reconnects clears it.
+        self.connected = asyncio.Event() if connected is None else connected
         self.online = False
         self.connected_since: float | None = None
         self.last_error: str | None = None
@@ -228,7 +231,7 @@ class Uplink:
                 tasks = [
                     drain,
                     asyncio.create_task(self._keep_health(client), name="mqtt-health"),
-                    asyncio.create_task(_serve_downlink(client, self._downlink), name="mqtt-downlink"),
+                    asyncio.create_task(_serve_downlink(client, self._handlers()), name="mqtt-downlink"),
                 ]
                 try:
                     done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
@@ -250,6 +253,9 @@ class Uplink:
         finally:
             self.online = False
             self.connected_since = None
+
+    def _handlers(self) -> dict[str, Downlink]:
+        return {self._topics.downlink(name): handler for name, handler in self._downlink.items()}
 
     async def _publish_health(self, client: _Client) -> None:
         body = {"online": True, **await self._health()}

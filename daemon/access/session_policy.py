@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fleetgate.daemon.session_book import LocalSession, SyncMark
+from fleetgate.daemon.access.session_book import LocalSession, SyncMark
 
 STATE_KEY = "sessions.offline_age"
 

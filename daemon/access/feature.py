@@ -1,31 +1,28 @@
-"""Wiring of the managed-session PIN path: the device secret, the session book and lockout as saved, the
-start-enable output, the access controller, the two sync channels and the keypad loop.
-
-``build`` returns the components to supervise, the MQTT downlink handlers and the control commands; app.py
-only hands them on.
+"""The managed-session PIN access feature: the device secret, the session book and lockout as saved, the
+start-enable output, the access controller, the two session channels (signed MQTT sets, REEF pull) and the
+keypad loop; the ``sessions`` and ``pin-test`` control verbs and the ``sessions`` downlink.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from fleetgate.config.access import StartEnableConfig
 from fleetgate.config.schema import Config
-from fleetgate.daemon.access import ENABLED_KEY, LOCKOUT_KEY, AccessController, AccessPolicy
-from fleetgate.daemon.clock import Clock, mono_ns
-from fleetgate.daemon.events import Events
-from fleetgate.daemon.lockout import Lockout, LockoutPolicy
-from fleetgate.daemon.pin_pad import PinPad
-from fleetgate.daemon.readings import ReadingSink
-from fleetgate.daemon.session_book import STATE_KEY as BOOK_KEY
-from fleetgate.daemon.session_book import SessionBook
-from fleetgate.daemon.session_policy import STATE_KEY as AGE_KEY
-from fleetgate.daemon.session_policy import OfflineAge
-from fleetgate.daemon.session_sync import SessionSync
+from fleetgate.daemon.access.controller import ENABLED_KEY, LOCKOUT_KEY, AccessController, AccessPolicy
+from fleetgate.daemon.access.lockout import Lockout, LockoutPolicy
+from fleetgate.daemon.access.pin_pad import PinPad
+from fleetgate.daemon.access.session_book import STATE_KEY as BOOK_KEY
+from fleetgate.daemon.access.session_book import SessionBook
+from fleetgate.daemon.access.session_policy import STATE_KEY as AGE_KEY
+from fleetgate.daemon.access.session_policy import OfflineAge
+from fleetgate.daemon.access.session_sync import SessionSync
+from fleetgate.daemon.runtime.clock import mono_ns
+from fleetgate.daemon.runtime.core import Core
+from fleetgate.daemon.runtime.feature import FeatureError, FeatureParts
+from fleetgate.daemon.runtime.readings import ReadingSink
 from fleetgate.drivers.keypad import Keypad, KeypadSettings
 from fleetgate.drivers.output import (
     GpioLine,
@@ -35,25 +32,16 @@ from fleetgate.drivers.output import (
     SerialRelaySettings,
     StartEnable,
 )
-from fleetgate.sync.device_keys import box_key, pin_key, read_secret_file
-from fleetgate.sync.session_set import verify_keys_from_b64
-from fleetgate.sync.store import Outbox, StateStore
+from fleetgate.sync.crypto.device_keys import DeviceSecretError, box_key, pin_key, read_secret_file
+from fleetgate.sync.crypto.session_set import verify_keys_from_b64
 
 if TYPE_CHECKING:
-    from fleetgate.daemon.reef_poller import ReefPoller
+    import asyncio
 
-log = logging.getLogger(__name__)
+    from fleetgate.daemon.access.reef_poller import ReefPoller
 
 MOVING_FRESH_S = 10.0  # a speed reading older than this says nothing about moving now
 SPEED_SIGNALS = ("vehicle_speed", "gps_speed")
-
-
-@dataclass
-class PinAccess:
-    components: list[Any] = field(default_factory=list)
-    downlink: dict[str, Callable[[bytes], Awaitable[None]]] = field(default_factory=dict)
-    control: dict[str, Callable[[dict[str, Any]], Any]] = field(default_factory=dict)
-    reef: ReefPoller | None = None
 
 
 def output_for(cfg: StartEnableConfig) -> StartEnable:
@@ -81,25 +69,26 @@ def moving_from(sink: ReadingSink, above_kmh: float) -> Callable[[], bool]:
     return moving
 
 
-async def build(
-    config: Config,
-    outbox: Outbox,
-    state: StateStore,
-    clock: Clock,
-    events: Events,
-    sink: ReadingSink,
-    boot_id: str,
-) -> PinAccess:
+async def build(core: Core) -> FeatureParts:
+    if not core.config.sessions.enabled:
+        return FeatureParts(control={"sessions": lambda args: {"enabled": False}})
+    try:
+        return await _build(core)
+    except (DeviceSecretError, OSError) as exc:
+        raise FeatureError(f"PIN access: {exc}") from exc
+
+
+async def _build(core: Core) -> FeatureParts:
+    config = core.config
     sc = config.sessions
-    assert (
-        sc.enabled and sc.vin is not None and config.device.secret_file is not None
-    )  # the schema ensures it
+    assert sc.vin is not None and config.device.secret_file is not None  # the schema ensures it
     secret = read_secret_file(config.device.secret_file)
+    state = core.state
     book = SessionBook.from_json(await state.get(BOOK_KEY))
     now = mono_ns()
     lockout = Lockout.restore(
         LockoutPolicy(sc.lockout.max_failures, sc.lockout.base_delay_s, sc.lockout.max_delay_s),
-        boot_id,
+        core.boot_id,
         await state.get(LOCKOUT_KEY),
         now,
     )
@@ -111,11 +100,11 @@ async def build(
         lockout,
         age,
         output_for(config.start_enable),
-        outbox,
-        clock,
+        core.outbox,
+        core.clock,
         AccessPolicy(sc.max_offline_age_s, sc.end_while_moving),
-        moving_from(sink, sc.moving_above_kmh),
-        sink.set_session,
+        moving_from(core.sink, sc.moving_above_kmh),
+        core.sink.set_session,
         enabled.get("session_id") if isinstance(enabled, dict) else None,
     )
     sync = SessionSync(
@@ -125,17 +114,17 @@ async def build(
         pin_key(secret),
         box_key(secret),
         verify_keys_from_b64(sc.signing_keys),
-        outbox,
-        clock,
-        events,
+        core.outbox,
+        core.clock,
+        core.events,
         access,
     )
-    out = PinAccess(components=[access])
+    out = FeatureParts(components=[access])
     if sc.signing_keys:
         out.downlink["sessions"] = sync.on_mqtt
-    if sc.reef.enabled:
-        out.reef = _reef_poller(config, sync)
-        out.components.append(out.reef)
+    reef = _reef_poller(config, sync, core.uplink_connected) if sc.reef.enabled else None
+    if reef is not None:
+        out.components.append(reef)
     if config.keypad.enabled:
         kc = config.keypad
         keypad = Keypad(
@@ -159,13 +148,14 @@ async def build(
         return (await access.enter(pin, actuate=False, source="cli")).as_dict()
 
     out.control["pin-test"] = pin_test
-    out.control["sessions"] = lambda args: _sessions_view(sc.vin or "", access, sync, out.reef)
+    out.control["sessions"] = lambda args: _sessions_view(sc.vin or "", access, sync, reef)
     return out
 
 
-def _reef_poller(config: Config, sync: SessionSync) -> ReefPoller:
-    from fleetgate.daemon.reef_poller import ReefPoller
-    from fleetgate.sync.reef import ReefClient
+def _reef_poller(config: Config, sync: SessionSync, reconnected: asyncio.Event) -> ReefPoller:
+    # Imported only when REEF is configured: httpx and its TLS stack are not needed otherwise.
+    from fleetgate.daemon.access.reef_poller import ReefPoller
+    from fleetgate.sync.reef.client import ReefClient
 
     rc = config.sessions.reef
     assert rc.key_file is not None  # the schema ensures it
@@ -179,7 +169,7 @@ def _reef_poller(config: Config, sync: SessionSync) -> ReefPoller:
             timeout_s=rc.timeout_s,
         )
 
-    return ReefPoller(client, config.sessions.vin or "", sync, rc.poll_interval_s, rc.retry_s, None)
+    return ReefPoller(client, config.sessions.vin or "", sync, rc.poll_interval_s, rc.retry_s, reconnected)
 
 
 def _sessions_view(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleetgate.daemon.access import AccessController
+from fleetgate.daemon.access.controller import AccessController
 from fleetgate.drivers.keypad import BadInput, EntryAbandoned, Keypad, KeypadError, PinEntered
 
 

@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fleetgate.daemon.clock import mono_ns
-from fleetgate.daemon.session_sync import SessionSync
-from fleetgate.sync.reef import ReefClient, ReefError
+from fleetgate.daemon.access.session_sync import SessionSync
+from fleetgate.daemon.runtime.clock import mono_ns
+from fleetgate.sync.reef.client import ReefClient, ReefError
 
 log = logging.getLogger(__name__)
 

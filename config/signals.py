@@ -1,5 +1,8 @@
 """The signal catalogue: every reading the gateway takes, its unit, its source and its cloud equivalents.
 
+Configuration names signals by it (the OBD schedule), telemetry stamps readings with it, and the CLI prints it:
+as in AWS IoT FleetWise, the catalogue is configuration data that every part reads, so it lives here.
+
 docs/signals.md is generated from this table (``fleetgate signals``); a test keeps it current.
 """
 
@@ -75,7 +78,7 @@ def signals_markdown() -> str:
     lines = [
         "# Signal catalogue",
         "",
-        "Generated from `daemon/signals.py` by `fleetgate signals`; a test keeps this file current.",
+        "Generated from `config/signals.py` by `fleetgate signals`; a test keeps this file current.",
         "Every telemetry record carries one reading: `signal` (a name below), `value` in `unit`, and the",
         "record's wall time, monotonic time, boot id and time-trust flags (see `docs/mqtt.md` once it exists).",
         "The REEF column names the field of `GET /managed-sessions/{id}/telemetry` the signal feeds; the",

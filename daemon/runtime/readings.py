@@ -15,8 +15,8 @@ import logging
 import math
 from typing import Any, NamedTuple
 
-from fleetgate.daemon.clock import Clock
-from fleetgate.daemon.signals import CATALOGUE
+from fleetgate.config.signals import CATALOGUE
+from fleetgate.daemon.runtime.clock import Clock
 from fleetgate.sync.store import NewRecord, Outbox, Priority, Stamp
 
 log = logging.getLogger(__name__)

@@ -21,16 +21,16 @@ from typing import TYPE_CHECKING, Any
 from nacl.public import PrivateKey
 from nacl.signing import VerifyKey
 
-from fleetgate.daemon.access import AccessController
-from fleetgate.daemon.clock import Clock, mono_ns
-from fleetgate.daemon.events import Events
-from fleetgate.daemon.session_book import STATE_KEY, SessionBook, SyncMark, ack_body
-from fleetgate.daemon.session_policy import STATE_KEY as AGE_KEY
-from fleetgate.sync.session_set import SessionSet, SessionSetRejected, check_fresh, open_session_set
+from fleetgate.daemon.access.controller import AccessController
+from fleetgate.daemon.access.session_book import STATE_KEY, SessionBook, SyncMark, ack_body
+from fleetgate.daemon.access.session_policy import STATE_KEY as AGE_KEY
+from fleetgate.daemon.runtime.clock import Clock, mono_ns
+from fleetgate.daemon.runtime.events import Events
+from fleetgate.sync.crypto.session_set import SessionSet, SessionSetRejected, check_fresh, open_session_set
 from fleetgate.sync.store import NewRecord, Outbox, Priority
 
 if TYPE_CHECKING:
-    from fleetgate.sync.reef import ManagedSession
+    from fleetgate.sync.reef.client import ManagedSession
 
 log = logging.getLogger(__name__)
 

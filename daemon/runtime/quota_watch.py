@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from fleetgate.daemon.events import Events
+from fleetgate.daemon.runtime.events import Events
 from fleetgate.sync.store import Outbox
 
 log = logging.getLogger(__name__)

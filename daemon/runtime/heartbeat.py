@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
-from fleetgate.daemon.clock import Clock
-from fleetgate.daemon.status import StatusSource
+from fleetgate.daemon.runtime.clock import Clock
+from fleetgate.daemon.runtime.status import StatusSource
 from fleetgate.sync.store import NewRecord, Outbox, Priority
 
 STREAM = "heartbeat"

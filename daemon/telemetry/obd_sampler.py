@@ -15,11 +15,11 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from fleetgate.config.schema import ObdConfig
-from fleetgate.daemon.clock import Clock
-from fleetgate.daemon.dtc import DtcTracker
-from fleetgate.daemon.events import Events
-from fleetgate.daemon.readings import ReadingSink
-from fleetgate.daemon.trip_recorder import TripRecorder
+from fleetgate.daemon.runtime.clock import Clock
+from fleetgate.daemon.runtime.events import Events
+from fleetgate.daemon.runtime.readings import ReadingSink
+from fleetgate.daemon.telemetry.dtc import DtcTracker
+from fleetgate.daemon.telemetry.trip_recorder import TripRecorder
 from fleetgate.drivers.obd import ObdAdapter, ObdError
 from fleetgate.sync.store import StateStore
 

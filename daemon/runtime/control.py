@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from fleetgate.daemon.control_protocol import MAX_LINE_BYTES, PROTOCOL_VERSION, encode
+from fleetgate.daemon.runtime.control_protocol import MAX_LINE_BYTES, PROTOCOL_VERSION, encode
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fleetgate.sync.drain import Drain
-from fleetgate.sync.envelope import SEAL_LEVEL, pack_encoded
+from fleetgate.sync.mqtt.drain import Drain
+from fleetgate.sync.mqtt.envelope import SEAL_LEVEL, pack_encoded
 from fleetgate.sync.store import Outbox
 from fleetgate.sync.store.segments import Sealed
 
