@@ -1,8 +1,3 @@
 """Configuration: the typed schema (``schema``), the TOML loader (``loader``), the signal catalogue (``signals``)
-and the shipped files. Imports nothing of fleetgate but itself.
+and the shipped files. Imports nothing of fleetgate but itself; importing the package loads none of its modules.
 """
-
-from fleetgate.config.loader import ConfigError, load_config
-from fleetgate.config.schema import Config
-
-__all__ = ["Config", "ConfigError", "load_config"]

@@ -13,7 +13,7 @@ import signal
 import time
 
 from fleetgate import __version__
-from fleetgate.config import Config
+from fleetgate.config.schema import Config
 from fleetgate.daemon.access import feature as access
 from fleetgate.daemon.runtime.control import ControlSocketError
 from fleetgate.daemon.runtime.core import Core

@@ -15,8 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetgate import __version__, render
-from fleetgate.config import ConfigError, load_config
-from fleetgate.config.loader import DEFAULT_CONFIG_PATH
+from fleetgate.config.loader import DEFAULT_CONFIG_PATH, ConfigError, load_config
 from fleetgate.config.schema import Config, schema_markdown
 from fleetgate.daemon.runtime.control_protocol import ControlError, DaemonNotRunning, request
 

@@ -68,6 +68,7 @@ def test_a_part_registered_twice_is_refused_and_a_status_view_sees_the_snapshot(
                 control={"extra": lambda args: {}},
                 downlink={"things": handler},
                 status={"extra": lambda snap: {"streams": len(snap["outbox"]["streams"])}},
+                alerts=[lambda: ["the extra thing needs a look"]],
             )
         )
         refused = []
@@ -86,6 +87,7 @@ def test_a_part_registered_twice_is_refused_and_a_status_view_sees_the_snapshot(
 
     snap, refused = asyncio.run(main())
     assert snap["extra"] == {"streams": len(snap["outbox"]["streams"])}
+    assert snap["alerts"] == ["the extra thing needs a look"]
     assert refused == [
         "control verb 'status' registered twice",
         "control verb 'extra' registered twice",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fleetgate.config import ConfigError, load_config
+from fleetgate.config.loader import ConfigError, load_config
 from fleetgate.config.schema import Config, describe
 
 from conftest import FLEETGATE, write_config

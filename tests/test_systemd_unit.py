@@ -18,8 +18,7 @@ from pathlib import Path
 import pytest
 
 from fleetgate.cli import EX_CONFIG
-from fleetgate.config import load_config
-from fleetgate.config.loader import DEFAULT_CONFIG_PATH
+from fleetgate.config.loader import DEFAULT_CONFIG_PATH, load_config
 from fleetgate.config.schema import ControlConfig, StoreConfig
 
 REPO = Path(__file__).resolve().parent.parent

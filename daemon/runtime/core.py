@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleetgate import __version__
-from fleetgate.config import Config
+from fleetgate.config.schema import Config
 from fleetgate.daemon.runtime.clock import Clock, NtpWatch, Trust
 from fleetgate.daemon.runtime.control import ControlServer
 from fleetgate.daemon.runtime.events import Events
@@ -96,6 +96,8 @@ class Core:
             self.downlink[name] = handler
         for path, view in parts.status.items():
             self.status.add_view(path, view)
+        for source in parts.alerts:
+            self.status.add_alerts(source)
 
     async def start(self) -> None:
         """Report a recovered store, bind the control socket, start every component."""

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 Downlink = Callable[[bytes], Awaitable[None]]
 # A section of ``fleetgate status``: given the snapshot as built so far, the section's value.
 StatusView = Callable[[dict[str, Any]], Any]
+# Lines for status's "alerts" (also in the health message): what an operator must look at, now.
+AlertSource = Callable[[], list[str]]
 
 
 @dataclass
@@ -30,6 +32,7 @@ class FeatureParts:
     control: dict[str, Handler] = field(default_factory=dict)  # control-socket verbs
     downlink: dict[str, Downlink] = field(default_factory=dict)  # by topic name under down/
     status: dict[str, StatusView] = field(default_factory=dict)  # by section path, e.g. "outbox.packer"
+    alerts: list[AlertSource] = field(default_factory=list)
 
 
 class FeatureError(Exception):

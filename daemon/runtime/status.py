@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fleetgate import __version__
-from fleetgate.config import Config
+from fleetgate.config.schema import Config
 from fleetgate.daemon.runtime.clock import Clock
-from fleetgate.daemon.runtime.feature import StatusView
+from fleetgate.daemon.runtime.feature import AlertSource, StatusView
 from fleetgate.daemon.runtime.supervisor import State, Supervisor
 from fleetgate.sync.store import Database, Outbox
 from fleetgate.sync.store.outbox import StreamDepth
@@ -29,6 +29,7 @@ class StatusSource:
     outbox: Outbox
     started_mono: float
     _views: dict[tuple[str, ...], StatusView] = field(default_factory=dict)
+    _alert_sources: list[AlertSource] = field(default_factory=list)
 
     def add_view(self, path: str, view: StatusView) -> None:
         """``view`` fills the section at ``path`` ("uplink", or "outbox.packer" inside a runtime section)."""
@@ -36,6 +37,9 @@ class StatusSource:
         if key in self._views:
             raise ValueError(f"status section {path!r} added twice")
         self._views[key] = view
+
+    def add_alerts(self, source: AlertSource) -> None:
+        self._alert_sources.append(source)
 
     async def snapshot(self) -> dict[str, Any]:
         trust = self.clock.trust
@@ -60,7 +64,8 @@ class StatusSource:
                 f"{s['quota_bytes'] / 2**20:.1f} MiB, in records that are never evicted"
                 for s in streams
                 if s["over_quota"]
-            ],
+            ]
+            + [line for source in self._alert_sources for line in source()],
             "store": {
                 "path": str(self.database.path),
                 "schema_version": self.database.schema_version,
