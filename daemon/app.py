@@ -22,11 +22,13 @@ from fleetgate.daemon.runtime.notify import Notifier
 from fleetgate.daemon.telemetry import feature as telemetry
 from fleetgate.daemon.uplink import feature as uplink
 from fleetgate.sync.store import Database, StoreError
+from fleetgate.sync.store.database import StoreTooNewError
 
 log = logging.getLogger(__name__)
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_CONFIG = 78  # EX_CONFIG, as the CLI's: systemd does not restart on it (RestartPreventExitStatus=78)
 
 # Built in this order; each decides from the configuration what of it runs (a disabled one may still answer).
 FEATURES: tuple[Build, ...] = (telemetry.build, access.build, uplink.build)
@@ -44,7 +46,8 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
         database = await Database.open(config.store.db_path, config.store.synchronous)
     except StoreError as exc:
         log.error("cannot open store", extra={"error": str(exc)})
-        return EXIT_FAILURE
+        # A newer fleetgate's database stays refused however often we restart; anything else may pass.
+        return EXIT_CONFIG if isinstance(exc, StoreTooNewError) else EXIT_FAILURE
     core = Core.open(config, database, started)
     try:
         for build in FEATURES:

@@ -65,10 +65,13 @@ class StatusSource:
                 for s in streams
                 if s["over_quota"]
             ]
+            + self._store_alerts()
             + [line for source in self._alert_sources for line in source()],
             "store": {
                 "path": str(self.database.path),
                 "schema_version": self.database.schema_version,
+                "disk_full_since": self.database.disk_full_since,
+                "disk_full_errors": self.database.disk_full_errors,
                 "recovered": None
                 if recovery is None
                 else {"reason": recovery.reason, "moved_to": str(recovery.moved_to)},
@@ -81,6 +84,16 @@ class StatusSource:
             value = view(snap)
             section[name] = await value if inspect.isawaitable(value) else value
         return snap
+
+    def _store_alerts(self) -> list[str]:
+        since = self.database.disk_full_since
+        if since is None:
+            return []
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+        return [
+            f"disk-full: the store refuses writes since {at} ({self.database.disk_full_errors} refused so far); "
+            f"what was committed is kept, new readings wait in memory; free space on {self.database.path.parent}"
+        ]
 
     def summary_line(self) -> str:
         statuses = self.supervisor.statuses

@@ -1,9 +1,11 @@
-"""Open the SQLite database: integrity check, corrupt-file recovery, migrations, one writer thread.
+"""Open the SQLite database: integrity checks, corrupt-file recovery, migrations, one writer thread.
 
 Every statement runs on one dedicated thread that owns the connection, so the event loop never blocks on
-disk and writes are naturally serialised. A database that fails ``PRAGMA quick_check`` (or is not a
-database at all) is moved aside with its WAL into ``corrupt/`` for forensics and a fresh one is created:
-the daemon goes on, and the caller records what happened.
+disk and writes are naturally serialised. A database that fails ``PRAGMA quick_check``, is not a database at
+all, cannot be migrated, or is not the schema and content the store writes (integrity.py) is moved aside with
+its WAL into ``corrupt/`` for forensics and a fresh one is created: the daemon goes on, and the caller records
+what happened. Trouble with the machine rather than the file (disk full, I/O error, no permission) never
+moves anything: it is an error, and the data stays where it is for the next start.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from fleetgate.sync.store.integrity import content_problem, schema_problem
 from fleetgate.sync.store.migrations import MIGRATIONS, SchemaTooNewError, migrate
 
 log = logging.getLogger(__name__)
@@ -28,8 +31,36 @@ T = TypeVar("T")
 SIDECARS = ("-wal", "-shm", "-journal")
 
 
+# SQLite primary result codes that speak of the machine, not of the file: moving the file aside cures none.
+_ENVIRONMENTAL = {
+    sqlite3.SQLITE_PERM,
+    sqlite3.SQLITE_BUSY,
+    sqlite3.SQLITE_LOCKED,
+    sqlite3.SQLITE_NOMEM,
+    sqlite3.SQLITE_READONLY,
+    sqlite3.SQLITE_IOERR,
+    sqlite3.SQLITE_FULL,
+    sqlite3.SQLITE_CANTOPEN,
+    sqlite3.SQLITE_AUTH,
+}
+
+
 class StoreError(Exception):
     """The store cannot be opened or used; the message says why."""
+
+
+class StoreTooNewError(StoreError):
+    """The database was written by a newer fleetgate: a configuration problem, not one a restart cures."""
+
+
+def is_environmental(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in _ENVIRONMENTAL
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF == sqlite3.SQLITE_FULL
 
 
 @dataclass(frozen=True)
@@ -76,29 +107,43 @@ def _move_aside(path: Path) -> Path:
 def open_connection(
     path: Path, synchronous: str = "full"
 ) -> tuple[sqlite3.Connection, RecoveryReport | None]:
-    """Open (creating if needed) and migrate the database, replacing it if it is corrupt."""
+    """Open (creating if needed) and migrate the database, replacing it if it is corrupt or not ours."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    recovery: RecoveryReport | None = None
-    conn: sqlite3.Connection | None = None
+    conn, problem = _open_checked(path, synchronous)
+    if conn is not None:
+        return conn, None
+    moved = _move_aside(path)
+    log.error("store corrupt, moved aside", extra={"reason": problem, "moved_to": str(moved)})
+    conn = _connect(path, synchronous)
+    migrate(conn)
+    return conn, RecoveryReport(str(problem), moved)
+
+
+def _open_checked(path: Path, synchronous: str) -> tuple[sqlite3.Connection | None, str | None]:
+    """The migrated connection, or None and what is wrong with the file. Raises for what is not the file's fault."""
     try:
         conn = _connect(path, synchronous)
-        problem = _quick_check(conn)
     except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed" ...
-        problem = str(exc)
-    if problem is not None:
-        if conn is not None:
-            conn.close()
-        moved = _move_aside(path)
-        log.error("store corrupt, moved aside", extra={"reason": problem, "moved_to": str(moved)})
-        recovery = RecoveryReport(problem, moved)
-        conn = _connect(path, synchronous)
-    assert conn is not None
+        if is_environmental(exc):
+            raise
+        return None, str(exc)
     try:
-        migrate(conn)
+        problem = _quick_check(conn)
+        if problem is None:
+            migrate(conn)
+            problem = schema_problem(conn) or content_problem(conn)
     except SchemaTooNewError as exc:
         conn.close()
-        raise StoreError(str(exc)) from None
-    return conn, recovery
+        raise StoreTooNewError(str(exc)) from None
+    except sqlite3.DatabaseError as exc:
+        if is_environmental(exc):
+            conn.close()
+            raise
+        problem = str(exc)
+    if problem is not None:
+        conn.close()
+        return None, problem
+    return conn, None
 
 
 class Database:
@@ -112,6 +157,9 @@ class Database:
         self.store_id: str = conn.execute("SELECT value FROM meta WHERE key = 'store_id'").fetchone()[0]
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
         self._closed = False
+        # Disk full: since when (wall time) writes have been refused, and how many; cleared by the next write.
+        self.disk_full_since: float | None = None
+        self.disk_full_errors = 0
 
     @classmethod
     async def open(cls, path: Path, synchronous: str = "full") -> Database:
@@ -127,7 +175,30 @@ class Database:
         if self._closed:
             raise StoreError("store is closed")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, self._conn, *args)
+        return await loop.run_in_executor(self._executor, self._call, fn, args)
+
+    def _call(self, fn: Callable[..., T], args: tuple[object, ...]) -> T:
+        """On the store thread: run ``fn`` and keep track of whether the disk takes writes."""
+        changes = self._conn.total_changes
+        try:
+            result = fn(self._conn, *args)
+        except sqlite3.Error as exc:
+            if is_disk_full(exc):
+                self.disk_full_errors += 1
+                if self.disk_full_since is None:
+                    self.disk_full_since = time.time()
+                    log.error("disk full: the store refuses writes", extra={"store": str(self.path)})
+            raise
+        if self.disk_full_since is not None and self._conn.total_changes != changes:
+            log.warning(
+                "disk takes writes again",
+                extra={
+                    "full_for_s": round(time.time() - self.disk_full_since, 1),
+                    "refused": self.disk_full_errors,
+                },
+            )
+            self.disk_full_since = None
+        return result
 
     async def close(self) -> None:
         """Finish every queued statement, checkpoint the WAL and close."""
