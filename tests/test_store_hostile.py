@@ -233,3 +233,100 @@ def test_a_full_disk_is_an_alert_and_loses_nothing_committed(tmp_path, small_dis
         "a record committed before the disk filled is gone"
     )
     assert seqs == list(range(1, len(seqs) + 1))
+
+
+def crash_copy(tmp_path: Path, transactions: int = 40, open_tail: bool = False) -> Path:
+    """The database and WAL as a crash leaves them: ``transactions`` committed heartbeat rows not yet
+    checkpointed (and, with ``open_tail``, a big transaction in progress whose pages spilled into the WAL)."""
+    live = tmp_path / "live" / "fleetgate.db"
+    live.parent.mkdir()
+    fresh_db(live, records=0)
+    conn = sqlite3.connect(live, isolation_level=None)
+    conn.execute("PRAGMA wal_autocheckpoint=0")
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # a new WAL generation holding only what follows
+    for seq in range(1, transactions + 1):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(
+            "INSERT INTO outbox(stream_id, seq, priority, wall_ns, mono_ns, boot, time_trusted, payload)"
+            " VALUES (1, ?, 1, 1, 1, 1, 0, randomblob(3000))",
+            (seq,),
+        )
+        conn.execute("UPDATE streams SET last_seq = ?", (seq,))
+        conn.execute("COMMIT")
+    if open_tail:
+        conn.execute("PRAGMA cache_size=2")  # the transaction's pages go to the WAL before any commit
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT INTO state(key, value, updated_wall_ns) VALUES ('x', randomblob(200000), 1)")
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    for suffix in ("", "-wal"):
+        (crashed / f"fleetgate.db{suffix}").write_bytes(live.with_name(live.name + suffix).read_bytes())
+    conn.close()
+    return crashed / "fleetgate.db"
+
+
+def rows(db: Path) -> int:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT count(*) FROM outbox").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_a_crash_leaves_a_wal_that_replays_in_full_and_says_nothing(tmp_path):
+    db = crash_copy(tmp_path)
+    conn, recovery = open_connection(db)
+    conn.close()
+    assert recovery is None and rows(db) == 40
+
+
+def test_a_transaction_a_crash_cut_short_is_not_reported_as_damage(tmp_path):
+    db = crash_copy(tmp_path, open_tail=True)
+    assert db.with_name("fleetgate.db-wal").stat().st_size > 200_000  # the open transaction's pages are there
+    conn, recovery = open_connection(db)
+    conn.close()
+    assert recovery is None and rows(db) == 40
+
+
+def damage(wal: Path, at: int, data: bytes) -> bytes:
+    content = bytearray(wal.read_bytes())
+    content[at : at + len(data)] = data
+    wal.write_bytes(bytes(content))
+    return bytes(content)
+
+
+@pytest.mark.parametrize(
+    ("where", "reason"),
+    [
+        ("header", "WAL header damaged"),
+        ("middle frame", "committed transactions after it not replayed"),
+        ("cut mid-frame", "WAL ends in a partial frame"),
+    ],
+)
+def test_wal_damage_is_reported_with_what_was_kept(tmp_path, where, reason):
+    """Guards against SQLite silently dropping committed transactions from a damaged WAL."""
+    db = crash_copy(tmp_path)
+    wal = db.with_name("fleetgate.db-wal")
+    frame = 24 + 4096
+    if where == "header":
+        damaged = damage(wal, 0, b"\xde\xad\xbe\xef" * 2)
+    elif where == "middle frame":
+        damaged = damage(wal, 32 + 10 * frame + 24 + 100, b"\xff\x00\xff")
+    else:
+        damaged = wal.read_bytes()[: 32 + 30 * frame + 1000]
+        wal.write_bytes(damaged)
+    conn, recovery = open_connection(db)
+    conn.close()
+    assert recovery is not None and reason in recovery.reason, recovery
+    assert "kept: the database with every transaction before the damage" in recovery.reason
+    assert recovery.moved_to.read_bytes() == damaged  # the evidence, as found
+    assert rows(db) < 40
+
+
+def test_an_empty_database_file_is_reported_not_taken_for_a_new_one(tmp_path):
+    db = tmp_path / "fleetgate.db"
+    fresh_db(db)
+    db.write_bytes(b"")
+    conn, recovery = open_connection(db)
+    conn.close()
+    assert recovery is not None and "database file is empty" in recovery.reason

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from fleetgate.sync.store.integrity import content_problem, schema_problem
+from fleetgate.sync.store.integrity import content_problem, empty_file_problem, schema_problem, wal_problem
 from fleetgate.sync.store.migrations import MIGRATIONS, SchemaTooNewError, migrate
 
 log = logging.getLogger(__name__)
@@ -92,15 +92,25 @@ def _quick_check(conn: sqlite3.Connection) -> str | None:
     return "; ".join(str(r[0]) for r in rows[:5])
 
 
-def _move_aside(path: Path) -> Path:
+def _forensics(path: Path) -> Path:
+    """Where a damaged file is kept: ``corrupt/<name>.<UTC time>.<pid>`` beside it."""
     folder = path.parent / "corrupt"
     folder.mkdir(mode=0o700, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    target = folder / f"{path.name}.{stamp}.{os.getpid()}"
+    return folder / f"{path.name}.{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.{os.getpid()}"
+
+
+def _move_aside(path: Path) -> Path:
+    target = _forensics(path)
     for suffix in ("", *SIDECARS):
         src = path.with_name(path.name + suffix)
         if src.exists():
             shutil.move(src, target.with_name(target.name + suffix))
+    return target
+
+
+def _copy_aside(wal: Path) -> Path:
+    target = _forensics(wal)
+    shutil.copy2(wal, target)
     return target
 
 
@@ -109,9 +119,18 @@ def open_connection(
 ) -> tuple[sqlite3.Connection, RecoveryReport | None]:
     """Open (creating if needed) and migrate the database, replacing it if it is corrupt or not ours."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    wal = path.with_name(path.name + "-wal")
+    wal_damage = wal_problem(wal)
+    wal_copy = None
+    if wal_damage is not None:  # keep the evidence before SQLite replays what it can and reuses the file
+        wal_copy = _copy_aside(wal)
+        log.error("store WAL damaged, copy kept", extra={"reason": wal_damage, "copied_to": str(wal_copy)})
     conn, problem = _open_checked(path, synchronous)
     if conn is not None:
-        return conn, None
+        if wal_damage is None or wal_copy is None:
+            return conn, None
+        kept = "; kept: the database with every transaction before the damage"
+        return conn, RecoveryReport(wal_damage + kept, wal_copy)
     moved = _move_aside(path)
     log.error("store corrupt, moved aside", extra={"reason": problem, "moved_to": str(moved)})
     conn = _connect(path, synchronous)
@@ -121,6 +140,9 @@ def open_connection(
 
 def _open_checked(path: Path, synchronous: str) -> tuple[sqlite3.Connection | None, str | None]:
     """The migrated connection, or None and what is wrong with the file. Raises for what is not the file's fault."""
+    empty = empty_file_problem(path)
+    if empty is not None:
+        return None, empty
     try:
         conn = _connect(path, synchronous)
     except sqlite3.DatabaseError as exc:  # "file is not a database", "malformed" ...

@@ -11,6 +11,8 @@ from __future__ import annotations
 import functools
 import re
 import sqlite3
+import struct
+from pathlib import Path
 
 from fleetgate.sync.store.migrations import MIGRATIONS, migrate
 
@@ -79,3 +81,88 @@ def content_problem(conn: sqlite3.Connection) -> str | None:
         if newest > last_seq:
             return f"streams.last_seq of {name!r} ({last_seq}) is behind a stored record ({newest}): seqs would repeat"
     return None
+
+
+# The write-ahead log's format (https://sqlite.org/fileformat.html#the_write_ahead_log): a 32-byte header, then
+# frames of a 24-byte header and one page, each checksummed cumulatively from the header's checksum on.
+WAL_MAGIC = (0x377F0682, 0x377F0683)  # checksum words little- or big-endian
+WAL_VERSION = 3007000
+WAL_VERIFY_MAX_BYTES = 256 * 2**20  # past this (a WAL checkpoints at ~4 MB) the frames are not verified
+
+
+def _checksum(data: bytes, big_endian: bool, s0: int = 0, s1: int = 0) -> tuple[int, int]:
+    for x0, x1 in struct.iter_unpack(">II" if big_endian else "<II", data):
+        s0 = (s0 + x0 + s1) & 0xFFFFFFFF
+        s1 = (s1 + x1 + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def wal_problem(wal: Path) -> str | None:
+    """What SQLite will silently skip when it replays this WAL, if that may hold committed data; else None.
+
+    SQLite replays frames up to the last commit whose checksums chain and whose salts match the header, and drops
+    the rest without a word. That is right for a transaction a crash cut short; it is data loss when the header is
+    damaged, when a frame in the middle is, or when the file was cut. Read before SQLite opens the database.
+    """
+    try:
+        size = wal.stat().st_size
+    except FileNotFoundError:
+        return None
+    if size == 0:
+        return None
+    if size > WAL_VERIFY_MAX_BYTES:
+        return None
+    data = wal.read_bytes()
+    if len(data) < 32:
+        return f"WAL header torn ({len(data)} bytes): none of it replayed"
+    magic, version, page_size, _, salt1, salt2, c0, c1 = struct.unpack(">8I", data[:32])
+    big_endian = magic == WAL_MAGIC[1]
+    if (
+        magic not in WAL_MAGIC
+        or version != WAL_VERSION
+        or page_size < 512
+        or page_size > 65536
+        or page_size & (page_size - 1)
+        or _checksum(data[:24], big_endian) != (c0, c1)
+    ):
+        return f"WAL header damaged: {len(data)} bytes not replayed"
+    frame_size = 24 + page_size
+    s0, s1 = c0, c1
+    frames = (len(data) - 32) // frame_size
+    for index in range(frames):
+        at = 32 + index * frame_size
+        _, _, f_salt1, f_salt2, f0, f1 = struct.unpack(">6I", data[at : at + 24])
+        if (f_salt1, f_salt2) != (salt1, salt2):
+            return None  # frames of an earlier generation: already checkpointed, rightly ignored
+        s0, s1 = _checksum(data[at : at + 8], big_endian, s0, s1)
+        s0, s1 = _checksum(data[at + 24 : at + frame_size], big_endian, s0, s1)
+        if (s0, s1) != (f0, f1):
+            lost = sum(
+                _commits(data, 32 + later * frame_size, (salt1, salt2)) for later in range(index, frames)
+            )
+            if lost:
+                return (
+                    f"WAL damaged at frame {index + 1}: {lost} committed transactions after it not replayed"
+                )
+            return None  # a transaction a crash cut short: nothing committed is lost
+    if (len(data) - 32) % frame_size:
+        return (
+            f"WAL ends in a partial frame ({(len(data) - 32) % frame_size} bytes after frame {frames}): "
+            "a write torn by power loss, or a file cut short"
+        )
+    return None
+
+
+def _commits(data: bytes, at: int, salts: tuple[int, int]) -> bool:
+    """Whether the frame at ``at`` ends a transaction of the WAL generation with these salts."""
+    _, commit_size, salt1, salt2 = struct.unpack_from(">4I", data, at)
+    return commit_size != 0 and (salt1, salt2) == salts
+
+
+def empty_file_problem(db: Path) -> str | None:
+    """A database file of 0 bytes: SQLite would take it for a new, empty database and say nothing."""
+    try:
+        size = db.stat().st_size
+    except FileNotFoundError:
+        return None
+    return "database file is empty (0 bytes): cut short or replaced" if size == 0 else None
