@@ -54,6 +54,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from benchlib import free_port
+
 DEVICE = "bench-gw"
 TOPIC_ROOT = "fleetgate/v1"
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
@@ -221,12 +223,6 @@ def mqtt_config(args: argparse.Namespace) -> Any:
         topic_root=TOPIC_ROOT,
         **{k: v for k, v in overrides.items() if v is not None},
     )
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Broker:

@@ -22,7 +22,6 @@ import json
 import os
 import select
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,6 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from benchlib import free_port, wait
+
 FLEETGATE = str(Path(sys.executable).parent / "fleetgate")
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 SOCAT = shutil.which("socat") or "/usr/bin/socat"
@@ -40,22 +41,6 @@ VIN = "1D4PT4GKXBW600841"
 PIN = "739164"
 RELAY_ON = bytes.fromhex("A0 01 01 A2")
 STEP_TIMEOUT_S = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait(what: str, check: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.05)
-    raise SystemExit(f"pin_latency: timed out waiting for {what}")
 
 
 class Pty:

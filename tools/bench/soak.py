@@ -43,26 +43,12 @@ from paho.mqtt.properties import Properties
 
 from fleetgate.config.schema import DEFAULT_OBD_SCHEDULE
 
+from benchlib import free_port, wait
+
 REPO = Path(__file__).resolve().parent.parent.parent
 FLEETGATE = str(Path(sys.executable).parent / "fleetgate")
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 DEVICE = "soak-0001"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait(what: str, check: Any, timeout: float = 60.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(0.2)
-    raise SystemExit(f"soak: timed out waiting for {what}")
 
 
 class Broker:
