@@ -56,7 +56,8 @@ async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:
     except (FeatureError, ControlSocketError, OSError) as exc:
         log.error("cannot start", extra={"error": str(exc)})
         await database.close()
-        return EXIT_FAILURE
+        # A feature refused this configuration or device (its secret unreadable ...): a restart cures nothing.
+        return EXIT_CONFIG if isinstance(exc, FeatureError) else EXIT_FAILURE
 
     informer = asyncio.create_task(core.keep_systemd_informed(notifier), name="systemd-notify")
     notifier.ready(core.status.summary_line())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import random
@@ -10,6 +11,8 @@ import socket
 import sqlite3
 import stat
 import time
+
+from nacl.signing import SigningKey
 
 from conftest import FLEETGATE, daemon_config
 
@@ -157,3 +160,23 @@ def test_kill_9_while_appending_loses_no_committed_row(tmp_path, start_daemon):
         conn.close()
         assert seqs[:reported] == list(range(1, reported + 1)), "a reported row is missing"
         assert seqs == list(range(1, len(seqs) + 1)), "sequence has a gap or a duplicate"
+
+
+def test_a_device_secret_that_cannot_be_used_exits_78_not_1(tmp_path, start_daemon):
+    """Guards against a restart loop: exit 1 made systemd restart a daemon whose secret will never do."""
+    secret = tmp_path / "device.secret"
+    secret.write_bytes(b"too short")
+    secret.chmod(0o600)
+    config = daemon_config(tmp_path)
+    config.write_text(
+        config.read_text().replace(
+            '[device]\nid = "test-0001"', f'[device]\nid = "test-0001"\nsecret_file = "{secret}"'
+        )
+        + '\n[sessions]\nenabled = true\nvin = "1D4PT4GKXBW600841"\n'
+        + f'signing_keys = ["{base64.b64encode(bytes(SigningKey.generate().verify_key)).decode()}"]\n'
+        + '[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = 9\ntls = false\n'
+    )
+    daemon = start_daemon(config)
+    assert daemon.proc.wait(20) == 78
+    assert "PIN access: " in daemon.log and "the device secret is 9 bytes" in daemon.log
+    assert "Traceback" not in daemon.log
