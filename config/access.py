@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, HttpUrl, model_validator
 
-from fleetgate.config.types import ResolvedPath, SecretFile, Section, resolve_device
+from fleetgate.config.types import Baudrate, Float, Int, ResolvedPath, SecretFile, Section, resolve_device
 
 VIN_PATTERN = r"^[A-HJ-NPR-Z0-9]{11,17}$"  # 17 for road vehicles; REEF's examples include shorter ones
 
@@ -39,9 +39,11 @@ PublicKey = Annotated[str, AfterValidator(_ed25519_public_key)]
 
 
 class LockoutConfig(Section):
-    max_failures: int = Field(5, ge=1, le=100, description="Wrong PINs in a row that start a lockout.")
-    base_delay_s: float = Field(30.0, gt=0, description="The first lockout's length; each next one doubles.")
-    max_delay_s: float = Field(3600.0, gt=0, description="Longest lockout.")
+    max_failures: Int = Field(5, ge=1, le=100, description="Wrong PINs in a row that start a lockout.")
+    base_delay_s: Float = Field(
+        30.0, gt=0, le=86_400, description="The first lockout's length; each next one doubles."
+    )
+    max_delay_s: Float = Field(3600.0, gt=0, le=7 * 86_400, description="Longest lockout.")
 
 
 class ReefConfig(Section):
@@ -59,14 +61,17 @@ class ReefConfig(Section):
     key_file: SecretFile | None = Field(
         None, description="The client certificate's private key (PEM, mode 0600). Required when enabled."
     )
-    poll_interval_s: float = Field(
+    poll_interval_s: Float = Field(
         300.0,
         ge=10,
+        le=86_400,
         description="Pull when no channel has synchronized for this long (also at start and on every MQTT "
         "reconnect).",
     )
-    retry_s: float = Field(60.0, ge=1, description="After a failed pull, try again this much later.")
-    timeout_s: float = Field(10.0, gt=0, le=120, description="How long one request may take.")
+    retry_s: Float = Field(
+        60.0, ge=1, le=86_400, description="After a failed pull, try again this much later."
+    )
+    timeout_s: Float = Field(10.0, gt=0, le=120, description="How long one request may take.")
 
     @model_validator(mode="after")
     def _https_with_key(self) -> ReefConfig:
@@ -90,9 +95,10 @@ class SessionsConfig(Section):
         description="Ed25519 public keys (base64) the session downlink must be signed with; more than one "
         "during a key rotation.",
     )
-    max_offline_age_s: float = Field(
+    max_offline_age_s: Float = Field(
         72 * 3600.0,
         gt=0,
+        le=366 * 86_400,
         description="A session set not confirmed by the cloud for longer than this opens nothing (running "
         "time when wall time is untrusted; see docs/security.md).",
     )
@@ -101,7 +107,9 @@ class SessionsConfig(Section):
         description="When a session ends while the vehicle moves: switch start-enable off once it stops "
         "(defer) or at once.",
     )
-    moving_above_kmh: float = Field(3.0, ge=0, description="Speed above which the vehicle counts as moving.")
+    moving_above_kmh: Float = Field(
+        3.0, ge=0, le=100, description="Speed above which the vehicle counts as moving."
+    )
     lockout: LockoutConfig = LockoutConfig()
     reef: ReefConfig = ReefConfig()
 
@@ -117,16 +125,16 @@ class SessionsConfig(Section):
 class KeypadConfig(Section):
     enabled: bool = Field(False, description="Read PINs from a serial keypad.")
     port: SerialPort = Field("/dev/ttyUSB1", description="Serial device (or a pyserial URL).")
-    baudrate: int = Field(9600, description="Serial speed.")
+    baudrate: Baudrate = Field(9600, description="Serial speed.")
     protocol: Literal["keys", "line"] = Field(
         "keys",
         description="'keys': one ASCII character per key, 0-9, '*' clears, '#' enters. 'line': digits ended by "
         "CR or LF.",
     )
-    inter_key_timeout_s: float = Field(
+    inter_key_timeout_s: Float = Field(
         5.0, gt=0, le=120, description="A partial entry with no key for this long is discarded."
     )
-    max_digits: int = Field(12, ge=4, le=32, description="Longer entries are refused.")
+    max_digits: Int = Field(12, ge=4, le=32, description="Longer entries are refused.")
     feedback_accepted: HexBytes = Field("47 0A", description="Bytes sent to the keypad for an accepted PIN.")
     feedback_refused: HexBytes = Field("52 0A", description="Bytes sent for a refused PIN.")
     feedback_locked_out: HexBytes = Field("4C 0A", description="Bytes sent while PIN entry is locked out.")
@@ -138,12 +146,12 @@ class StartEnableConfig(Section):
         description="The start-enable output: a serial relay board, a GPIO line, or log-only for development.",
     )
     port: SerialPort = Field("/dev/ttyUSB2", description="serial-relay: serial device (or a pyserial URL).")
-    baudrate: int = Field(9600, description="serial-relay: serial speed.")
+    baudrate: Baudrate = Field(9600, description="serial-relay: serial speed.")
     on_command: HexBytes = Field(
         "A0 01 01 A2",
         description="serial-relay: bytes that close the relay (default: LCUS-1 board, relay 1).",
     )
     off_command: HexBytes = Field("A0 01 00 A1", description="serial-relay: bytes that open the relay.")
     gpio_chip: ResolvedPath = Field(Path("/dev/gpiochip0"), description="gpio: the GPIO character device.")
-    gpio_line: int = Field(17, ge=0, description="gpio: line offset on the chip.")
+    gpio_line: Int = Field(17, ge=0, le=65_535, description="gpio: line offset on the chip.")
     active_low: bool = Field(False, description="gpio: the line is low when start is enabled.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,9 @@ from pydantic import ValidationError
 from fleetgate.config.schema import Config
 
 DEFAULT_CONFIG_PATH = Path("/etc/fleetgate/fleetgate.toml")
+MAX_FILE_BYTES = 1024 * 1024  # a configuration is a few KiB; this bounds what `config check /dev/zero` reads
+BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+MAX_SHOWN_VALUE = 80  # characters of an offending value quoted in a message
 
 
 @dataclass(frozen=True)
@@ -21,7 +26,7 @@ class Problem:
 
     def __str__(self) -> str:
         where = f"{self.file}: {self.key}" if self.key else str(self.file)
-        return f"{where}: {self.message}"
+        return _printable(f"{where}: {self.message}")
 
 
 class ConfigError(Exception):
@@ -38,8 +43,13 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
         if isinstance(item, int):
             parts.append(f"[{item}]")
         else:
-            parts.append(("." if parts else "") + item)
+            parts.append(("." if parts else "") + _key(item))
     return "".join(parts)
+
+
+def _key(name: str) -> str:
+    """A key as TOML writes it: bare, or quoted (with escapes)."""
+    return name if BARE_KEY.fullmatch(name) else json.dumps(name, ensure_ascii=False)
 
 
 def _message(error: dict) -> str:
@@ -50,8 +60,25 @@ def _message(error: dict) -> str:
         msg = msg[len("Value error, ") :]
     value = error.get("input")
     if error["type"] not in ("missing",) and not isinstance(value, dict | list):
-        msg += f" (got {value!r})"
+        msg += f" (got {_shown(value)})"
     return msg
+
+
+def _printable(text: str) -> str:
+    """One line, and no control sequence for the technician's terminal: a key, value or path from the file (or
+    the command line) may hold any character."""
+    return "".join(ch if ch.isprintable() else f"\\u{ord(ch):04x}" for ch in text)
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= MAX_SHOWN_VALUE else text[: MAX_SHOWN_VALUE - 3] + "..."
+
+
+def _deepest_line(text: str) -> int:
+    """The line with the most brackets and braces: where nesting too deep for the parser most likely is."""
+    counts = [line.count("[") + line.count("{") for line in text.splitlines()] or [0]
+    return counts.index(max(counts)) + 1
 
 
 def parse_config(data: dict, file: Path) -> Config:
@@ -62,6 +89,8 @@ def parse_config(data: dict, file: Path) -> Config:
         raise ConfigError(
             [Problem(file, _key_path(err["loc"]), _message(err)) for err in exc.errors(include_url=False)]
         ) from None
+    except RecursionError:  # pydantic-core limits its own depth; a validator of ours might not
+        raise ConfigError([Problem(file, "", "values nested too deeply")]) from None
 
 
 def load_config(path: Path | None) -> Config:
@@ -69,13 +98,26 @@ def load_config(path: Path | None) -> Config:
     if path is None:
         return Config()
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ConfigError([Problem(path, "", f"cannot read: {exc.strerror}")]) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError([Problem(path, "", f"larger than {MAX_FILE_BYTES} bytes; not a configuration")])
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ConfigError([Problem(path, "", f"not UTF-8 text (byte {exc.start})")]) from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([Problem(path, "", f"not valid TOML: {exc}")]) from None
+    except RecursionError:  # tomllib parses arrays and inline tables recursively
+        where = f"line {_deepest_line(text)}"
+        raise ConfigError(
+            [Problem(path, "", f"not valid TOML: arrays or tables nested too deeply ({where})")]
+        ) from None
+    except ValueError as exc:  # an integer of more than 4300 digits (Python's int_max_str_digits)
+        reason = str(exc).split(";")[0]  # not the advice to call sys.set_int_max_str_digits()
+        raise ConfigError([Problem(path, "", f"not valid TOML: {reason}")]) from None
     return parse_config(data, path)

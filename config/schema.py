@@ -8,14 +8,16 @@ Secrets are never inline: the config names a file, and that file must be readabl
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, Field, model_validator
+from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from fleetgate.config.access import KeypadConfig, SessionsConfig, StartEnableConfig
 from fleetgate.config.signals import CATALOGUE
-from fleetgate.config.types import ResolvedPath, SecretFile, Section, resolve_device
+from fleetgate.config.types import Baudrate, Float, Int, ResolvedPath, SecretFile, Section, resolve_device
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
@@ -52,26 +54,19 @@ class StoreConfig(Section):
         description="SQLite durability. 'full' fsyncs every group commit and survives power loss; 'normal' "
         "survives a crash of the daemon but may lose the last commits on power loss.",
     )
-    max_batch: int = Field(
+    max_batch: Int = Field(
         5000, ge=1, le=100_000, description="Most records written in one group commit (one transaction)."
     )
-    quota_mb: dict[str, float] = Field(
+    quota_mb: dict[str, Annotated[Float, Field(gt=0, le=1_048_576)]] = Field(
         default_factory=lambda: {"telemetry": 256.0, "heartbeat": 8.0, "events": 64.0},
         description="Disk quota per stream (MiB). Over it, the stream's oldest telemetry records are evicted "
         "(counted, reported by a `telemetry-evicted` event); events, session and audit records never are, and "
         "a stream they alone keep over quota raises an alert in status and health. Unlisted streams: no quota.",
     )
 
-    @model_validator(mode="after")
-    def _quotas_positive(self) -> StoreConfig:
-        bad = [name for name, mb in self.quota_mb.items() if not mb > 0]
-        if bad:
-            raise ValueError(f"quota_mb must be > 0: {', '.join(bad)}")
-        return self
-
     @property
     def quota_bytes(self) -> dict[str, int]:
-        return {name: int(mb * 1024 * 1024) for name, mb in self.quota_mb.items()}
+        return {name: int(mb * 1024 * 1024) for name, mb in self.quota_mb.items()}  # bounded: fits int64
 
     @property
     def db_path(self) -> Path:
@@ -87,7 +82,7 @@ class ControlConfig(Section):
         None,
         description="Group given access to the control socket (mode 0660); unset keeps the daemon's own group.",
     )
-    max_clients: int = Field(8, ge=1, le=256, description="Most CLI connections served at once.")
+    max_clients: Int = Field(8, ge=1, le=256, description="Most CLI connections served at once.")
 
 
 class LogConfig(Section):
@@ -100,14 +95,17 @@ class LogConfig(Section):
 
 
 class SupervisorConfig(Section):
-    backoff_initial_s: float = Field(
+    backoff_initial_s: Float = Field(
         1.0, gt=0, le=60, description="Delay before the first restart of a crashed component (seconds)."
     )
-    backoff_max_s: float = Field(60.0, gt=0, le=3600, description="Longest delay between restarts (seconds).")
-    stable_after_s: float = Field(
-        30.0, gt=0, description="A component that ran this long without crashing has its backoff reset."
+    backoff_max_s: Float = Field(60.0, gt=0, le=3600, description="Longest delay between restarts (seconds).")
+    stable_after_s: Float = Field(
+        30.0,
+        gt=0,
+        le=86_400,
+        description="A component that ran this long without crashing has its backoff reset.",
     )
-    stop_timeout_s: float = Field(
+    stop_timeout_s: Float = Field(
         4.0, gt=0, le=30, description="Time components get to stop on SIGTERM before they are cancelled."
     )
 
@@ -119,7 +117,7 @@ class SupervisorConfig(Section):
 
 
 class HeartbeatConfig(Section):
-    interval_s: float = Field(
+    interval_s: Float = Field(
         60.0,
         ge=0.001,
         le=86_400,
@@ -148,10 +146,8 @@ class ObdConfig(Section):
         description="Serial device of the ELM327 adapter (a relative path resolves against this file's folder; "
         "pyserial URLs such as rfc2217://host:port are passed as they are).",
     )
-    baudrate: int | None = Field(
+    baudrate: Baudrate | None = Field(
         38400,
-        ge=1200,
-        le=4_000_000,
         description="Serial speed; unset lets python-obd try the usual ones (slow).",
     )
     protocol: str | None = Field(
@@ -159,19 +155,19 @@ class ObdConfig(Section):
         pattern=r"^[1-9A-C]$",
         description="ELM327 protocol number ('6' = ISO 15765-4 CAN 11-bit 500k); unset detects it (slower).",
     )
-    timeout_s: float = Field(
+    timeout_s: Float = Field(
         1.0, gt=0, le=30, description="How long one query may take before it counts as no answer."
     )
-    schedule: dict[str, float] = Field(
+    schedule: dict[str, Annotated[Float, Field(gt=0, le=86_400)]] = Field(
         default_factory=lambda: dict(DEFAULT_OBD_SCHEDULE),
         description="Seconds between samples of each signal, by catalogue name (docs/signals.md). "
         "A signal not listed is not sampled.",
     )
-    dtc_interval_s: float = Field(
-        30.0, gt=0, description="Seconds between reads of MIL status and stored DTCs."
+    dtc_interval_s: Float = Field(
+        30.0, gt=0, le=86_400, description="Seconds between reads of MIL status and stored DTCs."
     )
-    adapter_voltage_interval_s: float = Field(
-        10.0, gt=0, description="Seconds between reads of the adapter's supply voltage (ATRV)."
+    adapter_voltage_interval_s: Float = Field(
+        10.0, gt=0, le=86_400, description="Seconds between reads of the adapter's supply voltage (ATRV)."
     )
 
     @model_validator(mode="after")
@@ -182,40 +178,37 @@ class ObdConfig(Section):
             raise ValueError(
                 f"schedule names unknown OBD signals: {', '.join(unknown)} (known: {', '.join(obd_signals)})"
             )
-        bad = [name for name, every in self.schedule.items() if not every > 0]
-        if bad:
-            raise ValueError(f"schedule intervals must be > 0 seconds: {', '.join(bad)}")
         return self
 
 
 class GpsConfig(Section):
     enabled: bool = Field(False, description="Read position and time from gpsd.")
     host: str = Field("127.0.0.1", min_length=1, description="gpsd host.")
-    port: int = Field(2947, ge=1, le=65535, description="gpsd port.")
-    silence_timeout_s: float = Field(
+    port: Int = Field(2947, ge=1, le=65535, description="gpsd port.")
+    silence_timeout_s: Float = Field(
         10.0,
         gt=0,
         le=600,
         description="A gpsd connection that sends nothing for this long is dropped and reopened; a gpsd that "
         "accepts and stays silent never stalls the daemon.",
     )
-    sample_interval_s: float = Field(
+    sample_interval_s: Float = Field(
         1.0, gt=0, le=3600, description="Least time between two position readings (trips use every fix)."
     )
 
 
 class TripsConfig(Section):
-    ignition_on_s: float = Field(
+    ignition_on_s: Float = Field(
         2.0, ge=0, le=600, description="Running evidence must last this long before a `startup` (seconds)."
     )
-    ignition_off_s: float = Field(
+    ignition_off_s: Float = Field(
         10.0,
         ge=0,
         le=3600,
         description="Stopped evidence (RPM 0 or no answer, voltage below running_voltage_v) must last this long "
         "before a `shutdown` (seconds); bridges stalls and start-stop systems.",
     )
-    running_voltage_v: float = Field(
+    running_voltage_v: Float = Field(
         13.2,
         gt=0,
         le=60,
@@ -223,28 +216,35 @@ class TripsConfig(Section):
         "means the alternator or DC-DC converter is charging, i.e. ignition on (EVs report no RPM at a "
         "standstill). The adapter's own voltage (ATRV) is not used: it is the battery, there with the ignition off.",
     )
-    moving_speed_kmh: float = Field(
+    moving_speed_kmh: Float = Field(
         3.0,
         gt=0,
+        le=100,
         description="At or above this speed the vehicle is moving (average-moving speed, stop count).",
     )
-    hard_accel_mps2: float = Field(
+    hard_accel_mps2: Float = Field(
         3.0,
         gt=0,
+        le=100,
         description="Speed gain between two samples at or above this (m/s²) counts as hard acceleration.",
     )
-    hard_brake_mps2: float = Field(
+    hard_brake_mps2: Float = Field(
         3.5,
         gt=0,
+        le=100,
         description="Speed loss between two samples at or above this (m/s²) counts as hard braking.",
     )
-    max_sample_gap_s: float = Field(
+    max_sample_gap_s: Float = Field(
         5.0,
         gt=0,
+        le=3600,
         description="Speed samples further apart than this are not integrated into distance or acceleration.",
     )
-    checkpoint_interval_s: float = Field(
-        15.0, gt=0, description="How often a trip in progress is saved, so it survives a restart (seconds)."
+    checkpoint_interval_s: Float = Field(
+        15.0,
+        gt=0,
+        le=86_400,
+        description="How often a trip in progress is saved, so it survives a restart (seconds).",
     )
 
 
@@ -264,7 +264,7 @@ class MqttTlsConfig(Section):
 class MqttConfig(Section):
     enabled: bool = Field(False, description="Forward the outbox to an MQTT broker.")
     host: str = Field("localhost", min_length=1, description="Broker host name or address.")
-    port: int = Field(8883, ge=1, le=65535, description="Broker port (8883: MQTT over TLS).")
+    port: Int = Field(8883, ge=1, le=65535, description="Broker port (8883: MQTT over TLS).")
     tls: bool = Field(
         True,
         description="TLS with a client certificate. Plain TCP (false) is for development on loopback only.",
@@ -275,34 +275,37 @@ class MqttConfig(Section):
         pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$",
         description="Versioned prefix of every topic; the device id follows it (docs/mqtt.md).",
     )
-    keepalive_s: int = Field(
+    keepalive_s: Int = Field(
         30, ge=5, le=600, description="MQTT keepalive: a dead link is noticed within about 1.5 times this."
     )
-    connect_timeout_s: float = Field(10.0, gt=0, le=120, description="How long connecting may take.")
-    publish_timeout_s: float = Field(
+    connect_timeout_s: Float = Field(10.0, gt=0, le=120, description="How long connecting may take.")
+    publish_timeout_s: Float = Field(
         30.0,
         gt=0,
         le=600,
         description="A message not acknowledged (PUBACK) within this is treated as a dead link.",
     )
-    max_inflight: int = Field(
+    max_inflight: Int = Field(
         16, ge=1, le=1000, description="Messages published and not yet acknowledged, at most (QoS 1)."
     )
-    max_message_bytes: int = Field(
+    max_message_bytes: Int = Field(
         128 * 1024,
         ge=1024,
         le=16 * 1024 * 1024,
         description="Largest message payload before compression (bytes).",
     )
-    compress_min_bytes: int = Field(
-        512, ge=0, description="Messages at least this big are zlib-compressed (declared in the message)."
+    compress_min_bytes: Int = Field(
+        512,
+        ge=0,
+        le=16 * 1024 * 1024,
+        description="Messages at least this big are zlib-compressed (declared in the message).",
     )
-    live_share: float = Field(
+    live_share: Float = Field(
         0.25,
         ge=0,
         le=1,
         description="Share of messages that carry the newest telemetry while a backlog drains, so live data "
-        "overtakes the backlog.",
+        "overtakes the backlog. 0 (no live lane) or at least 0.001 (one message in 1000).",
     )
     pack_offline: bool = Field(
         True,
@@ -310,6 +313,14 @@ class MqttConfig(Section):
         "messages (a message's worth at a time), so it drains at link speed when coverage returns and takes "
         "less disk under its quota.",
     )
+
+    @field_validator("live_share")
+    @classmethod
+    def _live_share_zero_or_usable(cls, share: float) -> float:
+        # the drain sends a live message every round(1 / share): a share near 0 would overflow it
+        if 0 < share < 0.001:
+            raise ValueError("must be 0 (no live lane) or at least 0.001")
+        return share
 
     @model_validator(mode="after")
     def _tls_needs_a_key(self) -> MqttConfig:
@@ -325,10 +336,10 @@ class TimeConfig(Section):
         True, description="Trust the system clock once the kernel reports NTP synchronisation."
     )
     trust_gps: bool = Field(True, description="Trust GPS time after gps_confirmations consistent fixes.")
-    gps_confirmations: int = Field(
+    gps_confirmations: Int = Field(
         3, ge=1, le=100, description="Consistent GPS fixes needed before GPS time is trusted."
     )
-    gps_max_spread_s: float = Field(
+    gps_max_spread_s: Float = Field(
         1.0,
         gt=0,
         le=60,
@@ -363,17 +374,32 @@ class Config(Section):
         return self
 
 
+def _bounds(metadata: Iterable[object]) -> str:
+    """' (> 0, ≤ 86400)' from a field's constraints, '' without any."""
+    shown: list[str] = []
+    for item in metadata:
+        if isinstance(item, FieldInfo):
+            inner = _bounds(item.metadata)
+            shown += [inner[2:-1]] if inner else []
+        for attr, sign in (("gt", ">"), ("ge", "≥"), ("lt", "<"), ("le", "≤")):
+            if (bound := getattr(item, attr, None)) is not None:  # annotated_types.Gt and its kin
+                shown.append(f"{sign} {bound}")
+    return f" ({', '.join(shown)})" if shown else ""
+
+
 def _type_name(annotation: object) -> str:
-    """A reader's name for a field type: 'path or unset', "one of 'full', 'normal'", 'float' ..."""
+    """A reader's name for a field type: 'path or unset', "one of 'full', 'normal'", 'float (> 0)' ..."""
     args = get_args(annotation)
     if get_origin(annotation) is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if get_origin(annotation) is Annotated:
-        return _type_name(args[0])
+        return _type_name(args[0]) + _bounds(args[1:])
     if args and type(None) in args:
         return " or ".join(_type_name(a) for a in args if a is not type(None)) + " or unset"
     if annotation is Path:
         return "path"
+    if get_origin(annotation) is dict:
+        return f"table of {_type_name(args[1])}"
     return getattr(annotation, "__name__", str(annotation))
 
 
@@ -386,8 +412,14 @@ def describe(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[st
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             rows.extend(describe(annotation, f"{path}."))
             continue
-        default = "" if field.default is None else str(field.default)
-        rows.append((path, _type_name(annotation), default, field.description or ""))
+        value = field.get_default(call_default_factory=True)
+        if isinstance(value, dict):  # as TOML writes it
+            default = "{ " + ", ".join(f"{k} = {v}" for k, v in value.items()) + " }"
+        else:
+            default = "" if value is None else str(value)
+        rows.append(
+            (path, _type_name(annotation) + _bounds(field.metadata), default, field.description or "")
+        )
     return rows
 
 
@@ -398,6 +430,7 @@ def schema_markdown() -> str:
         "",
         "Generated from `config/schema.py` by `fleetgate config schema`; a test keeps this file current.",
         "Relative paths resolve against the folder of the file that names them. Unknown keys are errors.",
+        "Numbers must lie in the range shown with their type; inf, nan and true/false are refused.",
         "",
     ]
     section = None

@@ -1,4 +1,5 @@
-"""Building blocks of the configuration schema: the section base and the path types every section uses."""
+"""Building blocks of the configuration schema: the section base and the path and number types every section
+uses."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import stat
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo
 
 
 def _resolve(path: Path, info: ValidationInfo) -> Path:
@@ -38,11 +39,25 @@ def resolve_device(port: str, info: ValidationInfo) -> str:
     return port if "://" in port else str(_resolve(Path(port), info))
 
 
+def _not_a_boolean(value: object) -> object:
+    # pydantic's lax mode would take TOML's true and false as 1 and 0
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
 ResolvedPath = Annotated[Path, AfterValidator(_resolve)]
 SecretFile = Annotated[Path, AfterValidator(_secret_file)]
 
+# Every number in the schema is one of these, with lower and upper bounds on its Field: a value the daemon
+# would overflow on later (a timedelta, an int64 in SQLite, bytes from MiB, a sleep) is refused here, by key.
+# Infinity and NaN are refused for every float by Section's allow_inf_nan=False.
+Float = Annotated[float, BeforeValidator(_not_a_boolean)]
+Int = Annotated[int, BeforeValidator(_not_a_boolean)]
+Baudrate = Annotated[Int, Field(ge=1200, le=4_000_000)]
+
 
 class Section(BaseModel):
-    """Base of every section: unknown keys are errors, values are immutable once loaded."""
+    """Base of every section: unknown keys are errors, values are immutable once loaded, floats are finite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)

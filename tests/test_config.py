@@ -4,23 +4,30 @@ from __future__ import annotations
 
 import subprocess
 from pathlib import Path
+from types import UnionType
+from typing import Annotated, Union, get_args, get_origin
 
 import pytest
+from pydantic import BaseModel
 
-from fleetgate.config.loader import ConfigError, load_config
+from fleetgate.config.loader import ConfigError, Problem, load_config
 from fleetgate.config.schema import Config, describe
 
-from conftest import FLEETGATE, write_config
+from conftest import FLEETGATE, daemon_config, write_config
 
 SHIPPED = sorted((Path(__file__).parent.parent / "config").glob("*.toml"))
 
 
-def problems(path: Path) -> list[tuple[str, str]]:
+def load_problems(path: Path) -> list[Problem]:
     with pytest.raises(ConfigError) as info:
         load_config(path)
     for p in info.value.problems:
         assert p.file == path
-    return [(p.key, p.message) for p in info.value.problems]
+    return info.value.problems
+
+
+def problems(path: Path) -> list[tuple[str, str]]:
+    return [(p.key, p.message) for p in load_problems(path)]
 
 
 def test_shipped_files_are_valid():
@@ -152,3 +159,184 @@ def test_obd_schedule_names_must_be_catalogue_signals(tmp_path):
     [(key, message)] = problems(path)
     assert key == "obd"
     assert "warp_drive" in message and "vehicle_speed" in message  # names the culprit and what is known
+
+
+# --- hardening (issue 11): hostile values, deep nesting, huge literals ---------------------------------------
+
+
+def _numeric_kind(annotation: object) -> str | None:
+    """'int' or 'float' for a number field (optional or constrained); 'table' for a table of numbers."""
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        return _numeric_kind(args[0])
+    if origin in (Union, UnionType):
+        kinds = {_numeric_kind(a) for a in args if a is not type(None)} - {None}
+        return kinds.pop() if kinds else None
+    if origin is dict and _numeric_kind(args[1]) in ("int", "float"):
+        return "table"
+    if annotation in (int, float):
+        return annotation.__name__
+    return None
+
+
+def numeric_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[tuple[str, str]]:
+    """Every numeric key of the schema as (TOML dotted path, 'int' | 'float'); a table of numbers is named by
+    one of its default entries. A key added later is found here without a change to this test."""
+    found: list[tuple[str, str]] = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            found += numeric_keys(field.annotation, f"{path}.")
+            continue
+        kind = _numeric_kind(field.annotation)
+        if kind == "table":
+            entry = next(iter(field.get_default(call_default_factory=True)))
+            value_kind = _numeric_kind(get_args(field.annotation)[1])
+            found.append((f"{path}.{entry}", value_kind or "float"))
+        elif kind is not None:
+            found.append((path, kind))
+    return found
+
+
+HOSTILE_NUMBERS = [
+    "inf",
+    "-inf",
+    "+inf",
+    "nan",
+    "-nan",
+    "1e300",
+    "-1e300",
+    "1" + "0" * 30,
+    "-1" + "0" * 30,
+    "true",
+]
+
+
+def test_schema_enumeration_finds_every_numeric_key():
+    keys = dict(numeric_keys())
+    assert len(keys) >= 45
+    assert keys["store.quota_mb.telemetry"] == "float"
+    assert keys["obd.schedule.vehicle_speed"] == "float"
+    assert keys["sessions.lockout.base_delay_s"] == "float"
+    assert keys["obd.baudrate"] == "int"  # optional
+    assert keys["start_enable.gpio_line"] == "int"
+
+
+@pytest.mark.parametrize("key,kind", numeric_keys())
+def test_every_numeric_key_refuses_infinity_nan_huge_values_and_booleans(tmp_path, key, kind):
+    """inf, nan, out-of-range and true/false are refused by the schema with the key named, so `config check`
+    catches what `run` would fail on (an OverflowError at start, or a lockout that fails open)."""
+    path = tmp_path / "c.toml"
+    for literal in HOSTILE_NUMBERS:
+        write_config(path, f"{key} = {literal}\n")
+        found = problems(path)
+        assert key in [k for k, _ in found], f"{key} = {literal} not refused by key: {found}"
+
+
+def test_cli_config_check_refuses_an_infinite_quota_and_lockout(tmp_path):
+    path = write_config(
+        tmp_path / "c.toml",
+        "[store]\nquota_mb = { telemetry = inf }\n[sessions.lockout]\nbase_delay_s = inf\n",
+    )
+    result = run_cli("config", "check", str(path))
+    assert result.returncode == 1
+    assert f"{path}: store.quota_mb.telemetry:" in result.stderr
+    assert f"{path}: sessions.lockout.base_delay_s:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def deep_toml(depth: int, kind: str) -> str:
+    if kind == "array":
+        return "a = " + "[" * depth + "]" * depth + "\n"
+    if kind == "inline-table":
+        return "a = " + "{ b = " * depth + "1" + " }" * depth + "\n"
+    return "a = " + "[{ b = " * depth + "1" + " }]" * depth + "\n"
+
+
+@pytest.mark.parametrize("kind", ["array", "inline-table", "mixed"])
+def test_deeply_nested_toml_is_a_config_error(tmp_path, kind):
+    path = write_config(tmp_path / "c.toml", deep_toml(600, kind))
+    [(key, message)] = problems(path)
+    assert key == ""
+    assert "nested too deeply" in message and "line 1" in message
+
+
+def test_cli_config_check_on_deeply_nested_toml_prints_a_message_not_a_traceback(tmp_path):
+    path = write_config(tmp_path / "c.toml", deep_toml(600, "array"))
+    result = run_cli("config", "check", str(path))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"error: {path}: not valid TOML: " in result.stderr
+
+
+def test_integer_literal_too_long_to_convert_is_a_config_error(tmp_path):
+    # tomllib raises a bare ValueError for an integer of more than 4300 digits (Python's int conversion limit)
+    path = write_config(tmp_path / "c.toml", "[store]\nmax_batch = 1" + "0" * 5000 + "\n")
+    [(key, message)] = problems(path)
+    assert key == "" and "not valid TOML" in message
+
+
+def test_a_huge_value_is_shortened_in_the_message(tmp_path):
+    path = write_config(tmp_path / "c.toml", f'[device]\nid = "{"x" * 100_000}"\n')
+    [(key, message)] = problems(path)
+    assert key == "device.id"
+    assert len(message) < 300 and "..." in message
+
+
+def test_an_oversized_file_is_refused(tmp_path):
+    # a configuration is a few KiB; reading /dev/zero or a runaway file must not take all the memory
+    path = tmp_path / "c.toml"
+    path.write_text("# padding\n" * 200_000)  # 2 MB of comments: valid TOML
+    [(key, message)] = problems(path)
+    assert key == "" and "larger than" in message
+
+
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        pytest.param("deep = " + "[" * 600 + "]" * 600 + "\n", None, id="600-deep"),
+        pytest.param("[store.quota_mb]\ntelemetry = inf\n", "store.quota_mb.telemetry", id="inf-quota"),
+    ],
+)
+def test_daemon_refuses_an_unusable_config_with_exit_78_and_one_line(tmp_path, start_daemon, text, key):
+    """A real `fleetgate run`: EX_CONFIG (the unit's RestartPreventExitStatus=78, so no restart loop), one line
+    naming the file (and key), no traceback, nothing started."""
+    config = daemon_config(tmp_path, extra=text)
+    daemon = start_daemon(config)
+    assert daemon.proc.wait(30) == 78, daemon.log
+    lines = daemon.log.strip().splitlines()
+    assert len(lines) == 1, daemon.log
+    assert lines[0].startswith(f"error: {config}: ")
+    assert key is None or f": {key}: " in lines[0]
+    assert "Traceback" not in daemon.log
+    assert not (tmp_path / "state").exists() and not (tmp_path / "control.sock").exists()
+
+
+def test_a_key_with_control_characters_is_quoted_on_one_line(tmp_path):
+    path = write_config(
+        tmp_path / "c.toml", '[store]\n"bad\\nkey\\u001b[2J" = 1\nquota_mb = { "x y" = -1 }\n'
+    )
+    found = problems(path)
+    assert ('store."bad\\nkey\\u001b[2J"', "unknown key") in found
+    assert any(key == 'store.quota_mb."x y"' for key, _ in found)
+    assert all("\n" not in str(p) for p in load_problems(path))
+
+
+def test_a_path_with_control_characters_is_printed_on_one_line(tmp_path):
+    path = write_config(
+        tmp_path / "c.toml", '[device]\nsecret_file = "/nonexistent/a\\nb\\u001b[2J\\u202e"\n'
+    )
+    [problem] = load_problems(path)
+    assert problem.key == "device.secret_file"
+    assert "\n" not in str(problem) and "\x1b" not in str(problem) and "\u202e" not in str(problem)
+    assert "a\\u000ab\\u001b[2J\\u202e" in str(problem)
+
+
+def test_a_live_share_too_small_for_a_live_message_every_n_is_refused(tmp_path):
+    # found by the fuzz suite: 5e-324 passed ge=0 and the drain's round(1 / live_share) raised OverflowError
+    path = write_config(tmp_path / "c.toml", "[mqtt]\nlive_share = 5e-324\n")
+    [(key, message)] = problems(path)
+    assert key == "mqtt.live_share" and "0.001" in message
+    for fine in ("0", "0.001", "1"):
+        write_config(path, f"[mqtt]\nlive_share = {fine}\n")
+        assert load_config(path).mqtt.live_share == float(fine)
