@@ -17,7 +17,9 @@ byte inside an entry spoils it: the entry ends as ``EntryAbandoned("bad-input")`
 submitted, so a corrupted PIN never reaches the PIN check. A partial entry with no key for
 ``inter_key_timeout_s`` ends as ``EntryAbandoned("timeout")``; one with more than ``max_digits`` digits as
 ``EntryAbandoned("too-long")`` when it is entered (its digits are not kept). Bytes typed while the port was
-closed are stale: pyserial's open flushes them.
+closed are stale: pyserial's open flushes them. Events nobody reads pile up to ``QUEUE_SIZE``; more are
+dropped and counted (``events_dropped``). Log lines for bad input, abandoned entries and a full queue come at
+most once per ``LOG_INTERVAL_S`` each and tell how many were held back; the counters count everything.
 
 Feedback goes out on the same port; the defaults are a small ASCII protocol (one command per line):
 ``G\\n`` accepted (green LED, short beep), ``R\\n`` refused (red LED, long beep), ``L\\n`` locked out,
@@ -67,7 +69,7 @@ KEY_BYTES = DIGITS | frozenset(b"*#")
 READ_SIZE = 4096
 QUEUE_SIZE = 256  # events waiting for the consumer; more are dropped and counted
 MAX_PENDING_OUT = 1024  # feedback bytes the device has not taken yet; more are dropped and counted
-BAD_LOG_INTERVAL_S = 10.0  # at most one warning per interval for bad input (a noisy line must not flood)
+LOG_INTERVAL_S = 10.0  # at most one line per interval and kind (a noisy or hammered keypad must not flood)
 
 
 def mono_ns() -> int:
@@ -232,6 +234,25 @@ class EntryParser:
         return PinEntered(self._digits.decode("ascii"), now_ns)
 
 
+class _Throttle:
+    """At most one log line per ``interval_s``; the lines held back are counted and told in the next one."""
+
+    def __init__(self, interval_s: float = LOG_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._last = -float("inf")
+        self.held = 0
+
+    def due(self) -> int | None:
+        """Lines held back since the last one written if a line may be written now, else None (counted)."""
+        now = time.monotonic()
+        if now - self._last < self.interval_s:
+            self.held += 1
+            return None
+        self._last = now
+        held, self.held = self.held, 0
+        return held
+
+
 _WAKE = object()  # put in the queue to wake a waiting consumer (close or failure)
 
 
@@ -266,7 +287,9 @@ class Keypad:
         self._out = bytearray()
         self._writing = False
         self._error: KeypadError | None = None
-        self._last_bad_log = -BAD_LOG_INTERVAL_S
+        self._bad_log = _Throttle()
+        self._abandoned_log = _Throttle()
+        self._queue_full_log = _Throttle()
 
     def _new_parser(self) -> EntryParser:
         s = self.settings
@@ -415,25 +438,40 @@ class Keypad:
             self.counters["entries"] += 1
             log.debug("keypad %s: entry submitted", self.port)
         elif isinstance(event, EntryAbandoned):
-            self.counters["abandoned_" + event.reason.replace("-", "_")] += 1
-            log.info("keypad %s: entry abandoned (%s)", self.port, event.reason)
+            counter = "abandoned_" + event.reason.replace("-", "_")
+            self.counters[counter] += 1
+            if (held := self._abandoned_log.due()) is not None:
+                log.info(
+                    "keypad %s: entry abandoned (%s; %d so far, %d not logged since the last line)",
+                    self.port,
+                    event.reason,
+                    self.counters[counter],
+                    held,
+                )
             feedback = "abandoned" if event.reason in ("timeout", "cleared") else "refused"
             self._send(self.settings.feedback_bytes(feedback))
         else:
             self.counters["bad_input_events"] += 1
             self.counters["bad_bytes"] += event.byte_count
-            now = time.monotonic()
-            if now - self._last_bad_log >= BAD_LOG_INTERVAL_S:
-                self._last_bad_log = now
+            if (held := self._bad_log.due()) is not None:
                 log.warning(
-                    "keypad %s: %s (%d bad bytes so far)",
+                    "keypad %s: %s (%d bad bytes so far, %d runs not logged since the last line)",
                     self.port,
                     event.description,
                     self.counters["bad_bytes"],
+                    held,
                 )
         if self._queue.full():  # nobody has been reading events for a long while
             self.counters["events_dropped"] += 1
-            log.warning("keypad %s: event queue full, %s dropped", self.port, type(event).__name__)
+            if (held := self._queue_full_log.due()) is not None:
+                log.warning(
+                    "keypad %s: event queue full, %s dropped (%d dropped in all, %d not logged since the last"
+                    " line)",
+                    self.port,
+                    type(event).__name__,
+                    self.counters["events_dropped"],
+                    held,
+                )
             return
         self._queue.put_nowait(event)
 

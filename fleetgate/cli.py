@@ -163,8 +163,9 @@ def _read_pin() -> str:
 
 def _pin(args: argparse.Namespace) -> int:
     pin = _read_pin()
-    if not pin.isdigit() or not 4 <= len(pin) <= 32:
-        print("fleetgate: a PIN is 4 to 32 digits", file=sys.stderr)
+    # ASCII digits only: str.isdigit() is also true for fullwidth and Arabic-Indic digits, which no keypad sends
+    if not (pin.isascii() and pin.isdigit()) or not 4 <= len(pin) <= 32:
+        print("fleetgate: a PIN is 4 to 32 digits (0-9)", file=sys.stderr)
         return EXIT_USAGE
     try:
         result = _ask(args, "pin-test", {"pin": pin})

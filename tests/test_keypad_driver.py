@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import fleetgate.drivers.keypad as keypad_module
 from fleetgate.drivers.keypad import (
     BadInput,
     EntryAbandoned,
@@ -355,3 +356,37 @@ def test_pin_digits_never_appear_in_logs_reprs_or_errors(
     leaks = [t for t in texts if pin in t or pin[:4] in t]
     assert not leaks
     assert "digits" not in repr(PinEntered("1234", 0))
+
+
+def test_a_full_event_queue_is_counted_and_warned_about_without_flooding_the_log(
+    pty_pairs: Callable[[str], PtyPair], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Nobody reads events while a keypad sends entries: every dropped event is counted, the warning comes at
+    most once an interval (it flooded the log with one line per dropped event) and tells how many were
+    dropped, including those no line was written for; what was queued is still delivered."""
+    caplog.set_level(logging.WARNING, logger="fleetgate.drivers.keypad")
+    pair = pty_pairs("keypad")
+    entries = 1000
+
+    async def scenario(keypad: Keypad, pair: PtyPair) -> None:
+        pair.write(b"1#" * entries)
+        await asyncio.to_thread(
+            wait_until, "every entry parsed", lambda: keypad.counters["entries"] == entries
+        )
+        dropped = keypad.counters["events_dropped"]
+        assert dropped == entries - keypad_module.QUEUE_SIZE
+        warnings = [r.getMessage() for r in caplog.records if "event queue full" in r.getMessage()]
+        assert 1 <= len(warnings) <= 3, f"{len(warnings)} warnings for {dropped} dropped events"
+        # The next warning (the interval shortened here, not waited for) tells what the quiet ones held.
+        keypad._queue_full_log.interval_s = 0.0
+        pair.write(b"2#")
+        await asyncio.to_thread(
+            wait_until, "one more dropped", lambda: keypad.counters["events_dropped"] > dropped
+        )
+        last = [r.getMessage() for r in caplog.records if "event queue full" in r.getMessage()][-1]
+        assert f"{dropped + 1} dropped in all" in last, last
+        for _ in range(keypad_module.QUEUE_SIZE):
+            event = await next_event(keypad)
+            assert isinstance(event, PinEntered) and event.digits == "1"
+
+    run_with_keypad(pair, scenario)

@@ -3,8 +3,11 @@ policy, and the lockout. The daemon-level tests (tests/test_access_daemon.py) ru
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+
+import pytest
 
 from fleetgate.daemon.access.lockout import Lockout, LockoutPolicy
 from fleetgate.daemon.access.session_book import LocalSession, SessionBook, SyncMark
@@ -128,7 +131,117 @@ def test_lockout_grows_and_survives_a_restart():
     assert not rebooted.locked(40 * S) and rebooted.lockouts == 0
 
 
-def test_a_garbled_saved_lockout_is_not_an_error():
-    policy = LockoutPolicy()
-    assert not Lockout.restore(policy, "b", {"failures": "x", "locked_until_mono_ns": "y"}, 0).locked(0)
-    assert Lockout.restore(policy, "b", {"failures": -3}, 0).failures == 0
+def test_a_garbled_saved_lockout_is_refused_and_what_replaces_it_is_locked():
+    """A saved lockout that cannot be decoded must not read as "no failures, open" (it did: failures "x"
+    became 0): restore refuses it, and the fallback is a full lockout from now."""
+    policy = LockoutPolicy(max_failures=3, base_delay_s=30, max_delay_s=3600)
+    good = {"failures": 2, "lockouts": 1, "boot_id": "b", "locked_until_mono_ns": None}
+    assert Lockout.restore(policy, "b", good, 0).failures == 2
+    assert Lockout.restore(policy, "b", None, 0).failures == 0, "never saved: no failures"
+    for bad in (
+        {**good, "failures": "x"},
+        {**good, "failures": -3},
+        {**good, "lockouts": True},
+        {**good, "locked_until_mono_ns": "y"},
+        {**good, "boot_id": 7},
+        {"failures": 2},  # a key missing
+        {**good, "extra": 1},
+        [1, 2],
+        "locked",
+    ):
+        with pytest.raises(ValueError, match="lockout"):
+            Lockout.restore(policy, "b", bad, 0)
+    fallback = Lockout.undecodable(policy, "b", 5 * S)
+    assert fallback.locked(5 * S) and fallback.remaining_s(5 * S) == 30
+    again = Lockout.restore(policy, "b", fallback.as_state(), 6 * S)
+    assert again.locked(6 * S), "the fail-closed lockout is saved like any other"
+
+
+BOOK = {
+    "sessions": [
+        {
+            "id": 3,
+            "verification_id": "v3",
+            "initialization_ns": 1,
+            "completion_ns": None,
+            "expires_ns": None,
+            "pin_hash": "ab" * 32,
+            "ended": None,
+        }
+    ],
+    "mark": {
+        "source": "mqtt",
+        "wall_ns": 1,
+        "wall_trusted": True,
+        "mqtt_version": 4,
+        "mqtt_issued": "2026-11-22T08:00:00+00:00",
+        "mqtt_digest": "cd" * 32,
+    },
+}
+
+
+def _bad(path: tuple, value: object = ..., drop: bool = False) -> dict:
+    book = copy.deepcopy(BOOK)
+    target = book
+    for step in path[:-1]:
+        target = target[step]
+    if drop:
+        del target[path[-1]]
+    else:
+        target[path[-1]] = value
+    return book
+
+
+def test_the_session_book_is_decoded_strictly():
+    """Each of these made the daemon exit at start with a traceback (a session without an int id, an extra
+    key in the sync mark ...) or silently accepted something that is not a book."""
+    book = SessionBook.from_json(BOOK)
+    assert book.sessions[3].pin_hash == bytes.fromhex("ab" * 32) and book.mark.mqtt_version == 4
+    assert SessionBook.from_json(book.as_json()) == book
+    assert SessionBook.from_json(None) == SessionBook(), "never saved: an empty book"
+    cases = {
+        "session id is str": _bad(("sessions", 0, "id"), "3"),
+        "session id is float": _bad(("sessions", 0, "id"), 3.0),
+        "session id is bool": _bad(("sessions", 0, "id"), True),
+        "session: missing id": _bad(("sessions", 0, "id"), drop=True),
+        "session pin_hash is not hex": _bad(("sessions", 0, "pin_hash"), "zz"),
+        "session pin_hash is 2 bytes": _bad(("sessions", 0, "pin_hash"), "abcd"),
+        "session ended is neither": _bad(("sessions", 0, "ended"), "maybe"),
+        "session: unexpected pin": _bad(("sessions", 0, "pin"), "1234"),
+        "sync mark: unexpected extra": _bad(("mark", "extra"), 1),
+        "sync mark source": _bad(("mark", "source"), "sms"),
+        "sync mark wall_trusted is int": _bad(("mark", "wall_trusted"), 1),
+        "sync mark mqtt_version is str": _bad(("mark", "mqtt_version"), "4"),
+        "sync mark mqtt_digest is not hex": _bad(("mark", "mqtt_digest"), "nope"),
+        "sync mark mqtt_issued is not an ISO": _bad(("mark", "mqtt_issued"), "yesterday"),
+        "sync mark is list": _bad(("mark",), []),
+        "session book sessions is dict": _bad(("sessions",), {}),
+        "session book: unexpected extra": _bad(("extra",), 1),
+        "session book is list": [],
+        "session book is int": 42,
+        "session 3 twice": {**BOOK, "sessions": BOOK["sessions"] * 2},
+    }
+    for expected, raw in cases.items():
+        with pytest.raises(ValueError) as caught:
+            SessionBook.from_json(raw)
+        assert expected in str(caught.value), (expected, str(caught.value))
+        assert "ab" * 32 not in str(caught.value), "a reason names the field, never its value"
+
+
+def test_the_saved_offline_age_is_decoded_strictly():
+    assert OfflineAge.restore({"floor_s": 12.5}, 0, ever_synced=True).floor_s == 12.5
+    assert OfflineAge.restore({"floor_s": float("inf")}, 0, ever_synced=True).floor_s == float("inf")
+    assert OfflineAge.restore(None, 0, ever_synced=True).floor_s == float("inf")
+    for bad in ({"floor_s": -1}, {"floor_s": "1"}, {"floor_s": float("nan")}, {"floor_s": 1, "x": 2}, [], 3):
+        with pytest.raises(ValueError, match="offline age"):
+            OfflineAge.restore(bad, 0, ever_synced=True)
+    assert OfflineAge.lost(0, ever_synced=True).age_s(0, 0, False, None) == float("inf"), "fails closed"
+    assert OfflineAge.lost(0, ever_synced=False).age_s(0, 0, False, None) == 0
+
+
+def test_the_lockout_delay_stays_at_its_maximum_however_many_lockouts_came_before():
+    """Guards against 2 ** lockouts overflowing a float after ~1025 lockouts (an OverflowError in the
+    lockout, after the failure count was taken)."""
+    lock = Lockout(LockoutPolicy(max_failures=1, base_delay_s=30, max_delay_s=604_800), "boot-a")
+    assert [lock.delay_s(n) for n in (1, 2, 3)] == [30, 60, 120]
+    assert lock.delay_s(1100) == lock.delay_s(10**9) == 604_800

@@ -5,7 +5,17 @@ Order of effects, and why:
 - Accepted: the output is switched first, then the audit record is committed. The renter waits for the
   relay, not for the SD card; a crash between the two loses one audit line, never access state.
 - Refused: the failure count is committed (with its audit record) before the keypad shows "wrong", so
-  pulling the power after a guess cannot undo the count.
+  pulling the power after a guess cannot undo the count. If the store cannot commit (disk full), the answer
+  is ``store-unavailable``, not "wrong PIN": the failure still counts in memory (the lockout holds while the
+  daemon runs) and is written with the next commit that succeeds, but the answer does not claim it was kept.
+- Locked out: no PIN is checked, nothing is counted, and a keypad can send hundreds of entries a second. The
+  first refusal of a lockout is audited at once; later ones are tallied and written as one record with their
+  ``count`` (per source) when the lockout ends, every ``LOCKED_OUT_AUDIT_EVERY_S``, before the next other
+  audit record and when the daemon stops. Every refusal is in a count; a power cut loses at most the tally
+  since the last record.
+- Not a PIN (anything but ASCII digits: ``str.isdigit`` is true for fullwidth and Arabic-Indic digits): refused
+  as ``not-a-pin`` before any check, never counted toward the lockout and not audited (the keypad driver
+  cannot produce one; the control verb and the CLI refuse it first).
 
 A PIN is compared with every active session's keyed hash, all of them, in constant time (no early exit),
 and it is never logged, stored or put in a message.
@@ -16,6 +26,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,7 +39,7 @@ from fleetgate.daemon.access.session_policy import OfflineAge, refusal_reason
 from fleetgate.daemon.runtime.clock import Clock, mono_ns
 from fleetgate.drivers.output import OutputError, StartEnable
 from fleetgate.sync.crypto.device_keys import pin_matches
-from fleetgate.sync.store import NewRecord, Outbox, Priority
+from fleetgate.sync.store import NewRecord, Outbox, Priority, StoreError
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +48,16 @@ LOCKOUT_KEY = "access.lockout"
 ENABLED_KEY = "access.enabled"
 REVIEW_INTERVAL_S = 1.0
 AGE_SAVE_INTERVAL_S = 60.0
+LOCKED_OUT_AUDIT_EVERY_S = 60.0  # a tally of refusals while locked out is written at least this often
+STORE_ERROR_LOG_EVERY_S = 60.0
+# What a commit that the store cannot take raises: SQLite's own error ("database or disk is full") or the
+# store's (closed, cannot open).
+STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, sqlite3.Error)
+
+
+def is_pin(text: object) -> bool:
+    """ASCII digits only: ``str.isdigit`` also accepts fullwidth (U+FF11) and Arabic-Indic (U+0661) digits."""
+    return isinstance(text, str) and text.isascii() and text.isdigit()
 
 
 @dataclass(frozen=True)
@@ -91,6 +113,13 @@ class AccessController:
         self.off_deferred = False
         self._lock = asyncio.Lock()
         self.counts: dict[str, int] = {}
+        # Refusals while locked out not yet written, by source, and when the oldest of them was made.
+        self._tally: dict[str, int] = {}
+        self._tally_since_ns: int | None = None
+        self._audited_lockout: int | None = None  # the lockout (its end) whose first refusal was audited
+        self.store_failures = 0  # commits the store refused (each is logged, at most once a minute)
+        self.store_error: str | None = None  # the last one, until a commit succeeds again
+        self._last_store_log = -STORE_ERROR_LOG_EVERY_S
 
     # -- the PIN path -----------------------------------------------------------------------------------
 
@@ -113,20 +142,29 @@ class AccessController:
 
     async def enter(self, pin: str, *, actuate: bool = True, source: str = "keypad") -> Decision:
         async with self._lock:
-            decision = await self._decide(pin, actuate, source)
+            decision, tallied = await self._decide(pin, actuate, source)
         self.counts[decision.outcome] = self.counts.get(decision.outcome, 0) + 1
-        log.info("PIN %s", decision.outcome, extra={"source": source, **decision.as_dict()})
+        if not tallied:  # a tallied refusal is logged with its tally: a hammered keypad must not flood
+            log.info("PIN %s", decision.outcome, extra={"source": source, **decision.as_dict()})
         return decision
 
-    async def _decide(self, pin: str, actuate: bool, source: str) -> Decision:
+    async def _decide(self, pin: str, actuate: bool, source: str) -> tuple[Decision, bool]:
+        """The decision, and whether it went into the locked-out tally instead of a record of its own."""
+        if not is_pin(pin):
+            return Decision("refused", "not-a-pin"), False
         now = mono_ns()
         if self.lockout.locked(now):
             self.lockout.refused_while_locked += 1
             decision = Decision(
                 "locked-out", "locked-out", retry_after_s=round(self.lockout.remaining_s(now), 1)
             )
-            await self._audit("pin-refused", decision, source)
-            return decision
+            if self._audited_lockout == self.lockout.locked_until_mono_ns:
+                self._count_locked_out(source, now)
+                return decision, True
+            self._audited_lockout = self.lockout.locked_until_mono_ns
+            if not await self._audit("pin-refused", decision, source):
+                self._count_locked_out(source, now)  # kept in the tally, written once the store takes it
+            return decision, False
         session = self._match(pin)
         reason = "no-match" if session is None else self._refusal(session)
         if reason is None:
@@ -139,11 +177,11 @@ class AccessController:
                     log.error("start-enable failed", extra={"error": str(exc)})
                     decision = Decision("refused", "output-fault", session.id, session.verification_id)
                     await self._audit("pin-refused", decision, source, {LOCKOUT_KEY: self.lockout.as_state()})
-                    return decision
+                    return decision, False
                 self.enabled_by = session.id
                 self.off_deferred = False
             decision = Decision("accepted", None, session.id, session.verification_id)
-            await self._audit(
+            audited = await self._audit(
                 "pin-accepted" if actuate else "pin-tested",
                 decision,
                 source,
@@ -152,7 +190,12 @@ class AccessController:
                     **({ENABLED_KEY: {"session_id": session.id}} if actuate else {}),
                 },
             )
-            return decision
+            if not audited and not actuate:
+                # A test that cannot be audited is not answered: the socket must not become an unaudited
+                # oracle. (The keypad's acceptance stands: the output is already on; its audit line is
+                # lost as in a crash between the two, and counted.)
+                return Decision("refused", "store-unavailable"), False
+            return decision, False
         started = self.lockout.failed(now)
         decision = Decision(
             "refused",
@@ -161,12 +204,50 @@ class AccessController:
             None if session is None else session.verification_id,
             lockout_started_s=started,
         )
-        await self._audit("pin-refused", decision, source, {LOCKOUT_KEY: self.lockout.as_state()})
-        return decision
+        if not await self._audit("pin-refused", decision, source, {LOCKOUT_KEY: self.lockout.as_state()}):
+            # Counted in memory only: the answer must not say it was kept (docs/security.md).
+            return Decision("refused", "store-unavailable"), False
+        return decision, False
 
-    async def _audit(
-        self, event: str, decision: Decision, source: str, state: dict[str, Any] | None = None
-    ) -> None:
+    def _count_locked_out(self, source: str, now_ns: int) -> None:
+        self._tally[source] = self._tally.get(source, 0) + 1
+        if self._tally_since_ns is None:
+            self._tally_since_ns = now_ns
+
+    def _take_tally(self) -> tuple[list[NewRecord], dict[str, int]]:
+        """The tally as audit records (one per source) and as counts, taken out (``_untake`` puts it back)."""
+        taken = self._tally
+        if not taken:
+            return [], {}
+        now = mono_ns()
+        locked_out = Decision(
+            "locked-out", "locked-out", retry_after_s=round(self.lockout.remaining_s(now), 1)
+        )
+        records = [self._record("pin-refused", locked_out, src, n) for src, n in sorted(taken.items())]
+        self._tally, self._tally_since_ns = {}, None
+        return records, taken
+
+    def _untake(self, taken: dict[str, int]) -> None:
+        for source, count in taken.items():
+            self._tally[source] = self._tally.get(source, 0) + count
+        if taken and self._tally_since_ns is None:
+            self._tally_since_ns = mono_ns()
+
+    def tally_due(self, now_ns: int) -> bool:
+        """The tally should be written now: its lockout is over, or it is older than the interval."""
+        if self._tally_since_ns is None:
+            return False
+        return (
+            not self.lockout.locked(now_ns)
+            or (now_ns - self._tally_since_ns) / 1e9 >= LOCKED_OUT_AUDIT_EVERY_S
+        )
+
+    async def flush_tally(self) -> bool:
+        """Write the tally of refusals while locked out (if any); False if the store refused it (kept)."""
+        async with self._lock:
+            return await self._commit([])
+
+    def _record(self, event: str, decision: Decision, source: str, count: int = 1) -> NewRecord:
         body = {
             "event": event,
             "source": source,
@@ -177,10 +258,46 @@ class AccessController:
             "failures": self.lockout.failures,
             "lockout_s": decision.lockout_started_s,
             "retry_after_s": decision.retry_after_s,
+            "count": count,
         }
-        await self._outbox.append(
-            [NewRecord.json(AUDIT_STREAM, Priority.AUDIT, self._clock.stamp(), body)], state
-        )
+        return NewRecord.json(AUDIT_STREAM, Priority.AUDIT, self._clock.stamp(), body)
+
+    async def _audit(
+        self, event: str, decision: Decision, source: str, state: dict[str, Any] | None = None
+    ) -> bool:
+        """Commit the decision's audit record (after any tally, so records keep their order) with ``state``;
+        False if the store cannot take it."""
+        return await self._commit([self._record(event, decision, source)], state)
+
+    async def _commit(self, records: list[NewRecord], state: dict[str, Any] | None = None) -> bool:
+        tally, taken = self._take_tally()
+        if not tally and not records and not state:
+            return True
+        try:
+            await self._outbox.append(tally + records, state)
+        except STORE_ERRORS as exc:
+            self._untake(taken)
+            self._store_failed(exc)
+            return False
+        if taken:
+            log.info("PIN refusals while locked out audited", extra={"count": sum(taken.values())})
+        self.store_error = None
+        return True
+
+    def _store_failed(self, exc: BaseException) -> None:
+        # The error that started it: on SQLITE_FULL SQLite may roll back by itself, and the store's own
+        # ROLLBACK then fails with "cannot rollback - no transaction is active", the disk-full error as context.
+        while isinstance(exc.__context__, sqlite3.Error):
+            exc = exc.__context__
+        self.store_failures += 1
+        self.store_error = str(exc) or type(exc).__name__
+        now = time.monotonic()
+        if now - self._last_store_log >= STORE_ERROR_LOG_EVERY_S:
+            self._last_store_log = now
+            log.error(
+                "store cannot commit the PIN path's records",
+                extra={"error": self.store_error, "failures": self.store_failures},
+            )
 
     # -- keeping the output in line with the sessions ----------------------------------------------------
 
@@ -222,9 +339,7 @@ class AccessController:
             "verification_id": session.verification_id if session else None,
         }
         log.info(event, extra={"reason": reason, "session_id": session_id})
-        await self._outbox.append(
-            [NewRecord.json(AUDIT_STREAM, Priority.AUDIT, self._clock.stamp(), body)], state
-        )
+        await self._commit([NewRecord.json(AUDIT_STREAM, Priority.AUDIT, self._clock.stamp(), body)], state)
 
     async def run(self) -> None:
         await self._output.open()  # comes up off
@@ -238,6 +353,8 @@ class AccessController:
             loop = asyncio.get_running_loop()
             while True:
                 await self.review()
+                if self.tally_due(mono_ns()):
+                    await self.flush_tally()
                 if loop.time() - last_saved >= AGE_SAVE_INTERVAL_S:
                     await self._save_age()
                     last_saved = loop.time()
@@ -249,7 +366,8 @@ class AccessController:
                 await asyncio.shield(self._output.close())
 
     async def _save_age(self) -> None:
-        await self._outbox.append([], {AGE_KEY: self.offline_age.as_state(mono_ns())})
+        # With any tally: stopping writes what was counted while locked out.
+        await self._commit([], {AGE_KEY: self.offline_age.as_state(mono_ns())})
 
     def session_rows(self) -> list[dict[str, Any]]:
         """Every session the vehicle knows, for ``fleetgate sessions``: never a PIN or a hash."""
@@ -280,4 +398,7 @@ class AccessController:
             "max_offline_age_s": self._policy.max_offline_age_s,
             "lockout": self.lockout.snapshot(stamp.mono_ns),
             "decisions": dict(self.counts),
+            "locked_out_unwritten": sum(self._tally.values()),  # tallied, not yet in an audit record
+            "store_failures": self.store_failures,
+            "store_error": self.store_error,
         }

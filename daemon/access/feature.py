@@ -1,17 +1,32 @@
 """The managed-session PIN access feature: the device secret, the session book and lockout as saved, the
 start-enable output, the access controller, the two session channels (signed MQTT sets, REEF pull) and the
 keypad loop; the ``sessions`` and ``pin-test`` control verbs and the ``sessions`` downlink.
+
+Saved state is decoded strictly, and a value that cannot be decoded does not stop the daemon: it is moved
+aside (``quarantine/<key>/<wall_ns>`` in the state table, with the reason), reported (a ``state-quarantined``
+event and a status alert) and replaced by what fails closed: no session until the next sync, a lockout of
+full length, an offline age that is too old, start-enable off.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fleetgate.config.access import StartEnableConfig
 from fleetgate.config.schema import Config
-from fleetgate.daemon.access.controller import ENABLED_KEY, LOCKOUT_KEY, AccessController, AccessPolicy
+from fleetgate.daemon.access.controller import (
+    ENABLED_KEY,
+    LOCKOUT_KEY,
+    STORE_ERRORS,
+    AccessController,
+    AccessPolicy,
+    is_pin,
+)
 from fleetgate.daemon.access.lockout import Lockout, LockoutPolicy
 from fleetgate.daemon.access.pin_pad import PinPad
 from fleetgate.daemon.access.session_book import STATE_KEY as BOOK_KEY
@@ -34,14 +49,82 @@ from fleetgate.drivers.output import (
 )
 from fleetgate.sync.crypto.device_keys import DeviceSecretError, box_key, pin_key, read_secret_file
 from fleetgate.sync.crypto.session_set import verify_keys_from_b64
+from fleetgate.sync.store.state import StateDecodeError, quarantine_key
 
 if TYPE_CHECKING:
     import asyncio
 
     from fleetgate.daemon.access.reef_poller import ReefPoller
 
+log = logging.getLogger(__name__)
+
 MOVING_FRESH_S = 10.0  # a speed reading older than this says nothing about moving now
 SPEED_SIGNALS = ("vehicle_speed", "gps_speed")
+MAX_REASON_CHARS = 200
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Quarantined:
+    """A saved value that could not be decoded, where it was moved, and what is used instead."""
+
+    key: str
+    reason: str
+    moved_to: str
+    instead: str
+
+
+class SavedState:
+    """Reads this feature's saved values; moves a bad one aside instead of failing to start."""
+
+    def __init__(self, core: Core) -> None:
+        self._core = core
+        self.quarantined: list[Quarantined] = []
+
+    async def load(
+        self,
+        key: str,
+        decode: Callable[[Any], T],
+        fallback: Callable[[], tuple[T, Any]],
+        instead: str,
+    ) -> T:
+        """``decode`` the value of ``key`` (raising ValueError naming what is wrong); if it cannot be decoded,
+        ``fallback()`` gives the value to use and what to save under ``key`` in its place (None: nothing)."""
+        try:
+            raw = await self._core.state.get(key)
+        except StateDecodeError as exc:
+            reason, text = exc.reason, exc.text
+        else:
+            try:
+                return decode(raw)
+            except ValueError as exc:
+                reason, text = str(exc), json.dumps(raw)
+        reason = reason[:MAX_REASON_CHARS]
+        value, replacement = fallback()
+        events = self._core.events
+        stamp = self._core.clock.stamp()
+        moved_to = quarantine_key(key, stamp.wall_ns)
+        body = {"key": key, "reason": reason, "moved_to": moved_to}
+        log.error("saved state cannot be decoded: moved aside", extra={**body, "instead": instead})
+        try:
+            await events.emit(
+                events.record("state-quarantined", body, stamp),
+                state={
+                    moved_to: {"text": text, "reason": reason, "found_wall_ns": stamp.wall_ns},
+                    key: replacement,
+                },
+            )
+        except STORE_ERRORS as exc:  # the bad value stays where it is: the next start finds it again
+            log.error("cannot move the bad state aside", extra={"key": key, "error": str(exc)})
+            moved_to = "(not moved: store unavailable)"
+        self.quarantined.append(Quarantined(key, reason, moved_to, instead))
+        return value
+
+    def alerts(self) -> list[str]:
+        return [
+            f"saved {q.key} could not be decoded ({q.reason}); kept as {q.moved_to}; {q.instead}"
+            for q in self.quarantined
+        ]
 
 
 def output_for(cfg: StartEnableConfig) -> StartEnable:
@@ -83,17 +166,36 @@ async def _build(core: Core) -> FeatureParts:
     sc = config.sessions
     assert sc.vin is not None and config.device.secret_file is not None  # the schema ensures it
     secret = read_secret_file(config.device.secret_file)
-    state = core.state
-    book = SessionBook.from_json(await state.get(BOOK_KEY))
-    now = mono_ns()
-    lockout = Lockout.restore(
-        LockoutPolicy(sc.lockout.max_failures, sc.lockout.base_delay_s, sc.lockout.max_delay_s),
-        core.boot_id,
-        await state.get(LOCKOUT_KEY),
-        now,
+    saved = SavedState(core)
+    book = await saved.load(
+        BOOK_KEY,
+        SessionBook.from_json,
+        lambda: (SessionBook(), None),
+        "no session is valid until the next sync",
     )
-    age = OfflineAge.restore(await state.get(AGE_KEY), now, ever_synced=book.mark is not None)
-    enabled = await state.get(ENABLED_KEY)
+    now = mono_ns()
+    policy = LockoutPolicy(sc.lockout.max_failures, sc.lockout.base_delay_s, sc.lockout.max_delay_s)
+
+    def locked() -> tuple[Lockout, Any]:
+        lockout = Lockout.undecodable(policy, core.boot_id, now)
+        return lockout, lockout.as_state()
+
+    lockout = await saved.load(
+        LOCKOUT_KEY,
+        lambda raw: Lockout.restore(policy, core.boot_id, raw, now),
+        locked,
+        f"locked out for {Lockout(policy, core.boot_id).delay_s(1):g} s from start",
+    )
+    ever_synced = book.mark is not None
+    age = await saved.load(
+        AGE_KEY,
+        lambda raw: OfflineAge.restore(raw, now, ever_synced),
+        lambda: (OfflineAge.lost(now, ever_synced), None),
+        "the time since the last sync is unknown: too old until the next sync"
+        if ever_synced
+        else "the time since the last sync is unknown",
+    )
+    enabled_by = await saved.load(ENABLED_KEY, _enabled_by, lambda: (None, None), "start-enable stays off")
     access = AccessController(
         book,
         pin_key(secret),
@@ -105,7 +207,7 @@ async def _build(core: Core) -> FeatureParts:
         AccessPolicy(sc.max_offline_age_s, sc.end_while_moving),
         moving_from(core.sink, sc.moving_above_kmh),
         core.sink.set_session,
-        enabled.get("session_id") if isinstance(enabled, dict) else None,
+        enabled_by,
     )
     sync = SessionSync(
         sc.vin,
@@ -119,7 +221,7 @@ async def _build(core: Core) -> FeatureParts:
         core.events,
         access,
     )
-    out = FeatureParts(components=[access])
+    out = FeatureParts(components=[access], alerts=[saved.alerts, lambda: _store_alerts(access)])
     if sc.signing_keys:
         out.downlink["sessions"] = sync.on_mqtt
     reef = _reef_poller(config, sync, core.uplink_connected) if sc.reef.enabled else None
@@ -143,13 +245,34 @@ async def _build(core: Core) -> FeatureParts:
 
     async def pin_test(args: dict[str, Any]) -> dict[str, Any]:
         pin = args.get("pin")
-        if not isinstance(pin, str) or not pin.isdigit() or not 4 <= len(pin) <= 32:
+        if not is_pin(pin) or not 4 <= len(pin) <= 32:
             return {"outcome": "refused", "reason": "not-a-pin"}
         return (await access.enter(pin, actuate=False, source="cli")).as_dict()
 
     out.control["pin-test"] = pin_test
-    out.control["sessions"] = lambda args: _sessions_view(sc.vin or "", access, sync, reef)
+    out.control["sessions"] = lambda args: _sessions_view(sc.vin or "", access, sync, reef, saved)
     return out
+
+
+def _enabled_by(raw: Any) -> int | None:
+    """The session that switched start-enable on, as saved (``{"session_id": id}``), or None."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or raw.keys() != {"session_id"}:
+        raise ValueError("start-enable state is not an object with exactly session_id")
+    session_id = raw["session_id"]
+    if not isinstance(session_id, int) or isinstance(session_id, bool):
+        raise ValueError("start-enable session_id is not an integer")
+    return session_id
+
+
+def _store_alerts(access: AccessController) -> list[str]:
+    if access.store_error is None:
+        return []
+    return [
+        f"PIN path: the store cannot commit ({access.store_error}); wrong PINs are refused as "
+        "store-unavailable and counted in memory only"
+    ]
 
 
 def _reef_poller(config: Config, sync: SessionSync, reconnected: asyncio.Event) -> ReefPoller:
@@ -173,7 +296,7 @@ def _reef_poller(config: Config, sync: SessionSync, reconnected: asyncio.Event) 
 
 
 def _sessions_view(
-    vin: str, access: AccessController, sync: SessionSync, reef: ReefPoller | None
+    vin: str, access: AccessController, sync: SessionSync, reef: ReefPoller | None, saved: SavedState
 ) -> dict[str, Any]:
     mark = access.book.mark
     return {
@@ -184,5 +307,6 @@ def _sessions_view(
         "access": access.snapshot(),
         "downlink": sync.snapshot(),
         "reef": reef.snapshot() if reef else None,
+        "quarantined": [asdict(q) for q in saved.quarantined],
         "now_wall": time.time(),
     }

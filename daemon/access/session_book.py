@@ -67,17 +67,70 @@ class LocalSession:
         }
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> LocalSession:
-        pin_hash = raw.get("pin_hash")
+    def from_json(cls, raw: Any) -> LocalSession:
+        """A session as ``as_json`` wrote it; ValueError naming the field if it is anything else (the book
+        decides who may open the vehicle: nothing is guessed)."""
+        fields(raw, "session", set(_SESSION_FIELDS))
+        pin_hash = optional(raw, "pin_hash", str, "session")
+        if pin_hash is not None:
+            try:
+                digest = bytes.fromhex(pin_hash)
+            except ValueError:
+                raise ValueError("session pin_hash is not hex") from None
+            if len(digest) != 32:
+                raise ValueError(f"session pin_hash is {len(digest)} bytes, not 32")
+        ended = optional(raw, "ended", str, "session")
+        if ended not in (None, "completed", "removed"):
+            raise ValueError("session ended is neither null, 'completed' nor 'removed'")
         return cls(
-            int(raw["id"]),
-            str(raw["verification_id"]),
-            int(raw["initialization_ns"]),
-            raw.get("completion_ns"),
-            raw.get("expires_ns"),
+            required(raw, "id", int, "session"),
+            required(raw, "verification_id", str, "session"),
+            required(raw, "initialization_ns", int, "session"),
+            optional(raw, "completion_ns", int, "session"),
+            optional(raw, "expires_ns", int, "session"),
             None if pin_hash is None else bytes.fromhex(pin_hash),
-            raw.get("ended"),
+            ended,
         )
+
+
+_SESSION_FIELDS = (
+    "id",
+    "verification_id",
+    "initialization_ns",
+    "completion_ns",
+    "expires_ns",
+    "pin_hash",
+    "ended",
+)
+
+
+def fields(raw: Any, what: str, names: set[str]) -> dict[str, Any]:
+    """``raw`` as a JSON object with exactly the keys ``names``; ValueError naming what differs."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} is {_kind(raw)}, not an object")
+    missing, extra = names - raw.keys(), raw.keys() - names
+    if missing or extra:
+        parts = ([f"missing {', '.join(sorted(missing))}"] if missing else []) + (
+            [f"unexpected {', '.join(sorted(str(k) for k in extra))}"] if extra else []
+        )
+        raise ValueError(f"{what}: {'; '.join(parts)}")
+    return raw
+
+
+def required(raw: dict[str, Any], name: str, kind: type, what: str) -> Any:
+    value = raw[name]
+    # bool is an int to Python, not to this format: True is no session id
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(f"{what} {name} is {_kind(value)}, not {kind.__name__}")
+    return value
+
+
+def optional(raw: dict[str, Any], name: str, kind: type, what: str) -> Any:
+    return None if raw[name] is None else required(raw, name, kind, what)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
 
 
 @dataclass(frozen=True)
@@ -173,11 +226,44 @@ class SessionBook:
 
     @classmethod
     def from_json(cls, raw: Any) -> SessionBook:
-        if not isinstance(raw, dict):
+        """The book as ``as_json`` wrote it (None: never synchronized, an empty book); ValueError naming what
+        is wrong otherwise. The caller decides what an undecodable book means (no session is valid)."""
+        if raw is None:
             return cls()
-        book = cls({s.id: s for s in (LocalSession.from_json(r) for r in raw.get("sessions") or [])})
-        if isinstance(raw.get("mark"), dict):
-            book.mark = SyncMark(**raw["mark"])
+        fields(raw, "session book", {"sessions", "mark"})
+        if not isinstance(raw["sessions"], list):
+            raise ValueError(f"session book sessions is {_kind(raw['sessions'])}, not a list")
+        book = cls()
+        for entry in raw["sessions"]:
+            session = LocalSession.from_json(entry)
+            if session.id in book.sessions:
+                raise ValueError(f"session book lists session {session.id} twice")
+            book.sessions[session.id] = session
+        mark = raw["mark"]
+        if mark is not None:
+            fields(mark, "sync mark", set(SyncMark.__dataclass_fields__))
+            if mark["source"] not in ("mqtt", "reef"):
+                raise ValueError("sync mark source is neither 'mqtt' nor 'reef'")
+            digest = optional(mark, "mqtt_digest", str, "sync mark")
+            if digest is not None:
+                try:
+                    bytes.fromhex(digest)
+                except ValueError:
+                    raise ValueError("sync mark mqtt_digest is not hex") from None
+            issued = optional(mark, "mqtt_issued", str, "sync mark")
+            if issued is not None:
+                try:
+                    datetime.fromisoformat(issued)
+                except ValueError:
+                    raise ValueError("sync mark mqtt_issued is not an ISO 8601 time") from None
+            book.mark = SyncMark(
+                mark["source"],
+                required(mark, "wall_ns", int, "sync mark"),
+                required(mark, "wall_trusted", bool, "sync mark"),
+                optional(mark, "mqtt_version", int, "sync mark"),
+                issued,
+                digest,
+            )
         return book
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from fleetgate.daemon.access.session_book import LocalSession, SyncMark
+from fleetgate.daemon.access.session_book import LocalSession, SyncMark, fields
 
 STATE_KEY = "sessions.offline_age"
 
@@ -42,11 +42,21 @@ class OfflineAge:
 
     @classmethod
     def restore(cls, saved: Any, now_mono_ns: int, ever_synced: bool) -> OfflineAge:
-        floor = saved.get("floor_s") if isinstance(saved, dict) else None
-        if not isinstance(floor, int | float) or floor < 0:
-            # Never synchronized: nothing to age. Synchronized but the age was lost: assume the worst.
-            floor = float("inf") if ever_synced else 0.0
+        """The age as saved; None (never saved) is ``lost``. ValueError naming what is wrong if ``saved`` is
+        not what ``as_state`` wrote (the caller then treats the age as lost)."""
+        if saved is None:
+            return cls.lost(now_mono_ns, ever_synced)
+        fields(saved, "offline age", {"floor_s"})
+        floor = saved["floor_s"]
+        # inf is a legitimate saved age (lost after a sync, then saved); NaN and negatives are not
+        if isinstance(floor, bool) or not isinstance(floor, int | float) or not floor >= 0:
+            raise ValueError("offline age floor_s is not a number of seconds >= 0")
         return cls(float(floor), now_mono_ns)
+
+    @classmethod
+    def lost(cls, now_mono_ns: int, ever_synced: bool) -> OfflineAge:
+        """No usable saved age. Never synchronized: nothing to age. Synchronized: assume the worst."""
+        return cls(float("inf") if ever_synced else 0.0, now_mono_ns)
 
 
 def refusal_reason(

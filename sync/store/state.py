@@ -1,4 +1,9 @@
-"""Small JSON state that must survive restarts (trip in progress, active DTCs, last VIN ...)."""
+"""Small JSON state that must survive restarts (trip in progress, active DTCs, last VIN ...).
+
+A value that is not JSON (a disk error, a hand edit) is a ``StateDecodeError`` naming the key, never a bare
+``json.JSONDecodeError``; its owner decides what a missing value means and may move the text aside
+(``quarantine_key``) rather than fail to start.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,31 @@ from typing import Any
 
 from fleetgate.sync.store.database import Database
 
+QUARANTINE_PREFIX = "quarantine/"
+
+
+class StateDecodeError(ValueError):
+    """A saved value cannot be decoded: not JSON here, or (raised by its owner) not the shape it expects.
+    ``text`` is the value as stored, for moving it aside; it is not part of the message."""
+
+    def __init__(self, key: str, reason: str, text: str | None = None) -> None:
+        super().__init__(f"state {key!r} cannot be decoded: {reason}")
+        self.key = key
+        self.reason = reason
+        self.text = text
+
+
+def quarantine_key(key: str, wall_ns: int) -> str:
+    """Where a bad value of ``key`` is kept, found at ``wall_ns`` (each finding keeps its own copy)."""
+    return f"{QUARANTINE_PREFIX}{key}/{wall_ns}"
+
 
 class StateStore:
     def __init__(self, db: Database) -> None:
         self._db = db
 
     async def get(self, key: str) -> Any | None:
+        """The value of ``key`` (None if unset); StateDecodeError if the stored text is not JSON."""
         return await self._db.run(_get, key)
 
     async def put(self, key: str, value: Any) -> None:
@@ -27,7 +51,14 @@ class StateStore:
 
 def _get(conn: sqlite3.Connection, key: str) -> Any | None:
     row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
-    return None if row is None else json.loads(row[0])
+    if row is None:
+        return None
+    text = row[0]
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError) as exc:  # not JSON, or not text (SQLite keeps whatever type was written)
+        shown = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+        raise StateDecodeError(key, f"not JSON ({exc})", shown) from None
 
 
 def write_state(conn: sqlite3.Connection, changes: dict[str, str | None]) -> None:
