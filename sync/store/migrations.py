@@ -96,9 +96,10 @@ def migrate(conn: sqlite3.Connection, migrations: list[list[str]] = MIGRATIONS) 
             for statement in statements:
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {version}")
+            conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            if conn.in_transaction:  # SQLite may have rolled back by itself (disk full)
+                conn.execute("ROLLBACK")
             raise
-        conn.execute("COMMIT")
         applied.append(version)
     return applied
