@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import contextlib
+import datetime
 import json
 import logging
 import re
@@ -24,7 +25,8 @@ log = logging.getLogger(__name__)
 MAX_LINE_BYTES = 64 * 1024  # gpsd's longest reports (SKY with many satellites) are a few KiB
 BAD_LINE_LOG_INTERVAL_S = 60.0  # at most one log record per interval about bad input
 _WATCH = b'?WATCH={"enable":true,"json":true}\n'
-_TIME_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?Z")
+# ASCII digits only: \d alone also matches other scripts' digits, which int() would read.
+_TIME_RE = re.compile(r"(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?Z", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,7 +34,7 @@ class GpsFix:
     """A TPV report. Position fields are None unless mode >= 2."""
 
     mode: int  # 0 unknown, 1 no fix, 2 2D, 3 3D
-    time_ns: int | None  # GPS UTC time as Unix ns
+    time_ns: int | None  # GPS UTC time as Unix ns: any year 1..9999 (whether it is plausible is not ours)
     lat: float | None  # degrees
     lon: float | None
     alt_m: float | None  # metres above mean sea level: "altMSL", else "alt" (older gpsd)
@@ -93,7 +95,11 @@ def _time_ns(report: dict[str, Any]) -> int | None:
     if match is None:
         raise _BadReport("time is not ISO 8601 UTC")
     year, month, day, hour, minute, second = (int(part) for part in match.groups()[:6])
-    if not (1 <= month <= 12 and 1 <= day <= 31 and hour < 24 and minute < 60 and second <= 60):
+    try:
+        datetime.date(year, month, day)  # a real day (no year 0, no 30 February)
+    except ValueError:
+        raise _BadReport("time is not a calendar date") from None
+    if not (hour < 24 and minute < 60 and second <= 60):  # 60: a leap second
         raise _BadReport("time out of range")
     fraction = match.group(7) or ""
     seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
@@ -269,9 +275,8 @@ class GpsdClient:
         if kind == "VERSION":
             log.info("gpsd version", extra={"gpsd": self.address, "release": str(report.get("release"))[:40]})
         elif kind == "ERROR":
-            log.warning(
-                "gpsd error", extra={"gpsd": self.address, "message": str(report.get("message"))[:200]}
-            )
+            # "message" is a LogRecord attribute: as an `extra` key it raised KeyError out of the client.
+            log.warning("gpsd error", extra={"gpsd": self.address, "error": str(report.get("message"))[:200]})
         return None
 
     def _bad(self, reason: str, line: bytes) -> None:

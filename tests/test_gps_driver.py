@@ -367,6 +367,51 @@ def test_bad_json_is_counted_and_skipped(caplog: pytest.LogCaptureFixture) -> No
     assert bad_records[0].gpsd == f"127.0.0.1:{client.port}"
 
 
+BAD_TIMES = [
+    "0000-01-01T00:00:00Z",  # there is no year 0: the calendar raised ValueError out of the client
+    "2026-02-30T12:00:00Z",  # no such day (timegm would quietly make it 2 March)
+    "2026-04-31T12:00:00Z",
+    "2026-13-01T12:00:00Z",
+    "2026-01-01T24:00:00Z",
+    "2026-01-01T12:00:61Z",
+    "\u0662\u0660\u0662\u0666-01-01T12:00:00Z",  # Arabic-Indic digits: \d matches them, gpsd never sends them
+    "\uff12\uff10\uff12\uff16-01-01T12:00:00Z",  # fullwidth digits
+    "2026-01-01T12:00:00.1234567890Z",  # more than nanoseconds
+    "2026-01-01T12:00:00+00:00",
+    "2026-01-01T12:00:00Z\n",
+    "",
+    "9" * 5000,
+]
+# Well-formed but implausible times are fixes: judging them is the clock's job (daemon/runtime/clock.py).
+EXTREME_TIMES = {
+    "0001-01-01T00:00:00Z": -62135596800 * 1_000_000_000,
+    "1960-01-01T00:00:00Z": -315619200 * 1_000_000_000,
+    "2300-01-01T00:00:00Z": 10413792000 * 1_000_000_000,
+    "9999-12-31T23:59:60.999999999Z": 253402300800_999_999_999,  # a leap second: the next minute's :00
+}
+
+
+@pytest.mark.timeout(30)
+def test_malformed_tpv_times_are_bad_lines_and_extreme_ones_pass_to_the_clock() -> None:
+    """Guards against a hostile gpsd's `time` raising out of the client (year 0 did) or being misread."""
+
+    async def handler(server: FakeGpsd, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(VERSION + b"".join(tpv(time=t) for t in BAD_TIMES))
+        writer.write(b"".join(tpv(time=t) for t in EXTREME_TIMES) + tpv())
+        await writer.drain()
+        await server.until_client_closes(reader)
+
+    async def run() -> tuple[GpsdClient, list[Report]]:
+        async with FakeGpsd(handler) as server:
+            client = GpsdClient(port=server.port, silence_timeout_s=5)
+            return client, await collect(client, lambda got: len(got) == len(EXTREME_TIMES) + 1, timeout=10)
+
+    client, got = asyncio.run(run())
+    assert client.counters["bad_lines"] == len(BAD_TIMES)
+    assert [f.time_ns for f in fixes(got)] == [*EXTREME_TIMES.values(), 1714564807_250_000_000]
+    assert all(f.lat == GOOD_TPV["lat"] for f in fixes(got))
+
+
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("first", [b"", VERSION], ids=["silent", "silent-after-version"])
 def test_silent_gpsd_raises_without_blocking_the_loop(first: bytes) -> None:

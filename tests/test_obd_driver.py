@@ -246,6 +246,64 @@ def test_bad_bytes_are_counted_not_raised(emulator: ElmEmulator) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_truncated_answers_are_decode_errors_not_zeros(emulator: ElmEmulator) -> None:
+    """Guards against python-obd padding a short answer with zero bytes (found by tests/test_fuzz_obd.py):
+    `41 0D` without its data byte read as 0 km/h (stop evidence for ignition and trips), `41 0C 81` as
+    8256 rpm, and a status `41 01` without its bytes as "MIL off"."""
+    cases = [  # (emulator entry, truncated answer, what to ask)
+        ("SPEED", frame("41 0D"), "vehicle_speed"),
+        ("RPM", frame("41 0C 81"), "rpm"),
+        ("STATUS", frame("41 01 80"), "dtcs"),
+    ]
+
+    async def main() -> list[tuple[object, dict[str, int]]]:
+        adapter = adapter_for(emulator)
+        await adapter.connect()
+        out = []
+        for entry, answer, asked in cases:
+            emulator.override(entry, answer)
+            before = dict(adapter.counters)
+            got = await (adapter.read_dtcs() if asked == "dtcs" else adapter.sample(asked))
+            out.append((got, {k: v - before[k] for k, v in adapter.counters.items() if v != before[k]}))
+            emulator.reset(entry)
+        # complete answers still decode
+        emulator.set_speed(0)
+        out.append((await adapter.sample("vehicle_speed"), {}))
+        assert adapter.connected
+        await adapter.close()
+        return out
+
+    speed, rpm, status, complete = asyncio.run(main())
+    assert speed == (None, {"queries": 1, "decode_errors": 1})
+    assert rpm == (None, {"queries": 1, "decode_errors": 1})
+    assert status == ((None, []), {"queries": 1, "decode_errors": 1})
+    assert complete[0] == Sample("vehicle_speed", 0.0, "km/h")
+
+
+@pytest.mark.timeout(60)
+def test_an_empty_answer_is_a_decode_error_not_a_wedged_adapter(emulator: ElmEmulator) -> None:
+    """Guards against an answer with no line ("\\r\\r>", found by tests/test_fuzz_obd.py): python-obd took it
+    for silence and read again ten times, waiting out the port timeout each time, past the query deadline,
+    so a working adapter was dropped as wedged (and, in the daemon, reconnected over and over)."""
+    emulator.override("SPEED", "<writeln></writeln>")
+
+    async def main() -> tuple[object, dict[str, int], object, bool]:
+        adapter = adapter_for(emulator)
+        await adapter.connect()
+        before = dict(adapter.counters)
+        empty = await adapter.sample("vehicle_speed")
+        moved = {k: v - before[k] for k, v in adapter.counters.items() if v != before[k]}
+        rpm = await adapter.sample("rpm")
+        connected = adapter.connected
+        await adapter.close()
+        return empty, moved, rpm, connected
+
+    empty, moved, rpm, connected = asyncio.run(main())
+    assert empty is None and moved == {"queries": 1, "decode_errors": 1}
+    assert isinstance(rpm, Sample) and connected
+
+
+@pytest.mark.timeout(60)
 def test_unplug_raises_then_reconnects_to_new_and_same_path(tmp_path: Path) -> None:
     link = tmp_path / "ttyUSB0"  # like a udev name: the path disappears on unplug and comes back on replug
     first = ElmEmulator(link=link).start()

@@ -10,6 +10,8 @@ import socket
 import sqlite3
 import threading
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -310,3 +312,187 @@ def test_late_gps_trust_corrects_wall_times_taken_before_it(tmp_path, start_daem
         first_offset_s = (beats[0]["wall_ns"] - beats[0]["mono_ns"]) / 1e9
         assert offset_s == pytest.approx(first_offset_s, abs=1.5)
     assert (beats[0]["wall_ns"] - time.time_ns()) / 1e9 == pytest.approx(skew.total_seconds(), abs=120)
+
+
+class ThreadedGpsd:
+    """A fake gpsd on a loopback port, for what gpsd itself never sends. Each connection is served by
+    `serve(conn, index)` on a thread of its own, after the client's first command; the listener closes
+    after `connections` connections (later connects are refused), or when the context ends."""
+
+    def __init__(self, serve: Callable[[socket.socket, int], None], connections: int | None = None) -> None:
+        self.serve = serve
+        self.connections = connections
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.served = 0  # connections whose `serve` returned
+        self.stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._accepter = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> ThreadedGpsd:
+        self._accepter.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.listener.close()
+        for thread in [self._accepter, *self._threads]:
+            thread.join(10)
+
+    def _accept(self) -> None:
+        self.listener.settimeout(0.1)
+        index = 0
+        while not self.stop.is_set() and (self.connections is None or index < self.connections):
+            try:
+                conn, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            thread = threading.Thread(target=self._serve_one, args=(conn, index), daemon=True)
+            thread.start()
+            self._threads.append(thread)
+            index += 1
+        self.listener.close()
+
+    def _serve_one(self, conn: socket.socket, index: int) -> None:
+        with conn:
+            try:
+                conn.settimeout(5)
+                conn.recv(1024)  # ?WATCH=...
+                conn.sendall(b'{"class":"VERSION","release":"3.22","proto_major":3,"proto_minor":14}\n')
+                self.serve(conn, index)
+            except OSError:
+                pass  # the daemon hung up
+            finally:
+                self.served += 1
+
+
+def tpv_line(when: str, lat: float = 52.52, lon: float = 13.405) -> bytes:
+    tpv = {"class": "TPV", "device": "/dev/ttyACM0", "mode": 3, "time": when, "lat": lat, "lon": lon}
+    return json.dumps(tpv).encode() + b"\n"
+
+
+def iso(when: datetime) -> str:
+    return when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def iso_now() -> str:
+    return iso(datetime.now(UTC))
+
+
+def gps_component(daemon, name: str = "gps") -> dict[str, Any]:
+    return next(c for c in cli_json(daemon, "status")["components"] if c["name"] == name)
+
+
+WALL_MAX_NS = 4_102_444_800 * 1_000_000_000  # 2100-01-01, docs/telemetry.md "Time"
+
+
+@pytest.mark.parametrize("year", [2300, 1960])
+def test_implausible_gps_time_is_not_trusted_and_telemetry_goes_on(tmp_path, start_daemon, year):
+    """Guards against issue 11 finding 1: a fix dated 2300 made wall_ns overflow SQLite (readings restarting
+    forever, telemetry stopped, SIGTERM exit 1); one dated 1960 made wall_ns negative."""
+    db = tmp_path / "state" / "fleetgate.db"
+    truthful = threading.Event()  # set: the receiver tells the true time again
+
+    def serve(conn: socket.socket, index: int) -> None:
+        start = time.monotonic()
+        while not gpsd.stop.is_set():
+            # GPS time runs in real time, as a receiver's does: consistent fixes, only the date is absurd.
+            when = datetime(year, 6, 1, 12, tzinfo=UTC) + timedelta(seconds=time.monotonic() - start)
+            conn.sendall(tpv_line(iso_now() if truthful.is_set() else iso(when)))
+            time.sleep(0.1)
+
+    with ThreadedGpsd(serve) as gpsd:
+        daemon = start_daemon(vehicle_config(tmp_path, None, gpsd.port, heartbeat_s=0.2))
+        daemon.wait_ready()
+        wait_until("fixes received", lambda: cli_json(daemon, "gps")["counters"].get("tpv", 0) >= 10)
+        stored = len(records(db, "telemetry"))
+        wait_until("more telemetry stored", lambda: len(records(db, "telemetry")) > stored + 3)
+        readings = gps_component(daemon, "readings")
+        assert (readings["state"], readings["restarts"]) == ("running", 0), readings
+        view = cli_json(daemon, "gps")
+        assert view["time"]["trusted"] is False
+        assert view["counters"]["time_implausible"] >= 10
+        assert view["fix"]["latitude"] == 52.52  # the position of such a fix is still a position
+        text = daemon.cli("gps").stdout
+        assert "time_implausible=" in text and "UNTRUSTED" in text
+
+        truthful.set()  # a valid fix after the noise still gives trust
+        [trusted] = wait_until("time-trusted", lambda: events(db, "time-trusted"))
+        assert trusted["source"] == "gps"
+        assert cli_json(daemon, "gps")["time"]["trusted"] is True
+        assert daemon.terminate() == 0
+
+    rows = records(db, "telemetry") + records(db, "heartbeat")
+    assert rows
+    assert all(0 <= r["wall_ns"] <= WALL_MAX_NS for r in rows)
+    # Untrusted or corrected, every wall time is within a day of now: none was taken from the fixes' date.
+    assert all(abs(r["wall_ns"] - time.time_ns()) < 86_400 * 1_000_000_000 for r in rows)
+
+
+def test_gpsd_counters_add_up_across_reconnects(tmp_path, start_daemon):
+    """Guards against issue 11 finding 9: each reconnect made a new client, so bad_lines read 0 after 27
+    hostile gpsd connections."""
+    connections, bad_per_connection = 4, 5
+
+    def serve(conn: socket.socket, index: int) -> None:
+        bad = [
+            b"not json\n",
+            b"[1]\n",
+            b"\xff\xfe\n",
+            tpv_line("0000-01-01T00:00:00Z"),
+            b'{"class":"TPV","lat":"x"}\n',
+        ]
+        assert len(bad) == bad_per_connection
+        conn.sendall(b"".join(bad) + tpv_line(iso_now()))  # then hang up
+
+    with ThreadedGpsd(serve, connections=connections) as gpsd:
+        daemon = start_daemon(vehicle_config(tmp_path, None, gpsd.port))
+        daemon.wait_ready()
+
+        def all_served_then_refused() -> bool:
+            gps = gps_component(daemon)
+            return gpsd.served == connections and "cannot connect" in (gps["last_error"] or "")
+
+        wait_until("every hostile connection served, then a refused connect", all_served_then_refused)
+        counters = cli_json(daemon, "gps")["counters"]
+        assert daemon.terminate() == 0
+    assert counters["connects"] == connections
+    assert counters["bad_lines"] == connections * bad_per_connection
+    assert counters["tpv"] == connections
+    assert counters["lines"] == connections * (bad_per_connection + 2)  # + VERSION + the good TPV
+
+
+def test_obd_counters_add_up_across_reconnects(tmp_path, start_daemon):
+    """Guards against issue 11 finding 9 for OBD: each reconnect made a new adapter and zeroed its counters."""
+    garbage = "<writeln>$%GARBAGE</writeln>"  # adapter text that is no ELM message: a decode error
+    link = tmp_path / "ttyOBD"
+    first = ElmEmulator(link=link).start()
+    try:
+        first.override("RPM", garbage)
+        daemon = start_daemon(vehicle_config(tmp_path, str(link), None))
+        daemon.wait_ready()
+        before = wait_until(
+            "decode errors on the first connection",
+            lambda: (c := cli_json(daemon, "obd")["counters"]).get("decode_errors", 0) >= 2 and c,
+        )
+        assert before["connects"] == 1
+        first.kill()  # unplugged
+        wait_until("OBD noticed", lambda: cli_json(daemon, "obd")["state"] != "connected")
+    finally:
+        first.stop()
+    with ElmEmulator(link=link) as second:
+        second.override("RPM", garbage)
+
+        def reconnected_with_new_errors() -> dict[str, int] | None:
+            view = cli_json(daemon, "obd")
+            c = view["counters"]
+            done = view["state"] == "connected" and c["decode_errors"] > before["decode_errors"]
+            return c if done and c["connects"] >= 2 else None
+
+        after = wait_until("the second connection counted on top of the first", reconnected_with_new_errors)
+        assert daemon.terminate() == 0
+    assert after["connects"] == 2
+    assert after["disconnects"] >= 1
+    assert after["queries"] > before["queries"]

@@ -10,7 +10,7 @@ from typing import Any
 from fleetgate.daemon.runtime.core import Core
 from fleetgate.daemon.runtime.feature import FeatureParts
 from fleetgate.daemon.telemetry.dtc import DtcTracker
-from fleetgate.daemon.telemetry.gps_sampler import GpsSampler
+from fleetgate.daemon.telemetry.gps_sampler import GpsSampler, time_view
 from fleetgate.daemon.telemetry.trip_recorder import TripRecorder
 
 
@@ -40,6 +40,6 @@ async def build(core: Core) -> FeatureParts:
         parts.components.append(gps_view)
     parts.control["obd"] = lambda args: obd_view.snapshot() if obd_view else {"enabled": False}
     parts.control["gps"] = lambda args: (
-        gps_view.snapshot() if gps_view else {"enabled": False, "time": core.clock.trust.as_dict()}
+        gps_view.snapshot() if gps_view else {"enabled": False, "time": time_view(core.clock)}
     )
     return parts

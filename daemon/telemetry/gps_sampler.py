@@ -1,7 +1,8 @@
 """Supervised component: gpsd reports in; position readings, time trust and trip positions out.
 
 The client (``fleetgate.drivers.gps``) raises GpsdError when gpsd is unreachable, drops the connection or
-stays silent; the supervisor restarts this component with backoff, which reconnects.
+stays silent; the supervisor restarts this component with backoff, which reconnects. The sampler keeps one
+client for the daemon's life, so its counters (bad lines, connects ...) add up across reconnects.
 """
 
 from __future__ import annotations
@@ -40,8 +41,7 @@ class GpsSampler:
         self._clock = clock
         self._sink = sink
         self._trips = trips
-        self._factory = client_factory
-        self.client: GpsdClient | None = None
+        self.client: GpsdClient = client_factory(config.host, config.port, config.silence_timeout_s)
         self.fix: GpsFix | None = None
         self.sky: GpsSky | None = None
         self.connected_since: float | None = None
@@ -50,8 +50,7 @@ class GpsSampler:
         self._last_sky_ns = 0
 
     async def run(self) -> None:
-        cfg = self._config
-        client = self.client = self._factory(cfg.host, cfg.port, cfg.silence_timeout_s)
+        client = self.client
         try:
             async with contextlib.aclosing(client.reports()) as reports:
                 async for report in reports:
@@ -68,8 +67,13 @@ class GpsSampler:
     def _on_fix(self, fix: GpsFix) -> None:
         self.fix = fix
         has_fix = fix.mode >= 2 and fix.lat is not None and fix.lon is not None
-        if has_fix and fix.time_ns is not None:
-            self._clock.observe_gps_time(fix.time_ns, fix.received_mono_ns)
+        gps_time = fix.time_ns
+        if (
+            has_fix
+            and gps_time is not None
+            and not self._clock.observe_gps_time(gps_time, fix.received_mono_ns)
+        ):
+            gps_time = None  # implausible (counted by the clock): trips fall back to arrival times
         stamp = self._clock.stamp()
         if fix.mode != self._last_mode:
             self._sink.add("gps_fix_mode", fix.mode, stamp)
@@ -77,7 +81,7 @@ class GpsSampler:
         if not has_fix:
             return
         assert fix.lat is not None and fix.lon is not None
-        self._trips.observe_fix(stamp.mono_ns, fix.lat, fix.lon, fix.time_ns)
+        self._trips.observe_fix(stamp.mono_ns, fix.lat, fix.lon, gps_time)
         if stamp.mono_ns - self._last_position_ns < self._config.sample_interval_s * 1e9:
             return
         self._last_position_ns = stamp.mono_ns
@@ -127,7 +131,16 @@ class GpsSampler:
                 "satellites_visible": sky.satellites_visible,
                 "hdop": sky.hdop,
             },
-            "time": self._clock.trust.as_dict(),
-            "counters": dict(client.counters) if client is not None else {},
-            "last_error": client.last_error if client is not None else None,
+            "time": time_view(self._clock),
+            "counters": {
+                **client.counters,
+                "time_implausible": self._clock.counters["gps_time_implausible"],
+                "time_inconsistent": self._clock.counters["gps_time_inconsistent"],
+            },
+            "last_error": client.last_error,
         }
+
+
+def time_view(clock: Clock) -> dict[str, Any]:
+    """Time trust for the ``gps`` verb, with the clock's counters of implausible time."""
+    return {**clock.trust.as_dict(), "counters": dict(clock.counters)}

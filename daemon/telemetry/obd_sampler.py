@@ -3,7 +3,9 @@
 The adapter (``fleetgate.drivers.obd``) does the serial work on its own thread; this module only decides
 what to ask when. An adapter that fails (unplugged, not answering) raises ObdError; the supervisor then
 restarts this component with backoff, which reconnects. "No data" answers are counted by the adapter and
-are simply not readings: they never stop the schedule.
+are simply not readings: they never stop the schedule. The sampler keeps one adapter for the daemon's life:
+its counters add up across reconnects, and it knows when a call of an earlier connection is still stuck in
+the serial port.
 """
 
 from __future__ import annotations
@@ -61,8 +63,9 @@ class ObdSampler:
         self._dtcs = dtcs
         self._events = events
         self._state = state
-        self._factory = adapter_factory
-        self.adapter: ObdAdapter | None = None
+        self.adapter: ObdAdapter = adapter_factory(
+            config.port, config.baudrate, config.protocol, config.timeout_s
+        )
         self.state = "disconnected"
         self.connected_since: float | None = None
         self.ecu_silent = False
@@ -71,7 +74,7 @@ class ObdSampler:
 
     async def run(self) -> None:
         cfg = self._config
-        adapter = self.adapter = self._factory(cfg.port, cfg.baudrate, cfg.protocol, cfg.timeout_s)
+        adapter = self.adapter
         self.state = "connecting"
         try:
             info = await adapter.connect()
@@ -173,7 +176,7 @@ class ObdSampler:
 
     def snapshot(self) -> dict[str, Any]:
         adapter = self.adapter
-        info = adapter.info if adapter is not None else None
+        info = adapter.info
         now = self._clock.stamp().mono_ns
         values = {
             name: {
@@ -193,7 +196,7 @@ class ObdSampler:
             "vin": info.vin if info else None,
             "protocol": info.protocol if info else None,
             "elm_version": info.elm_version if info else None,
-            "counters": dict(adapter.counters) if adapter is not None else {},
+            "counters": dict(adapter.counters),
             "values": values,
             "dtc": self._dtcs.snapshot(),
             "trips": self._trips.snapshot(),

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 # Adapter text answers that mean "the vehicle said nothing" rather than "bad bytes".
 _NO_DATA_TEXT = ("NO DATA", "SEARCHING", "STOPPED", "UNABLE TO CONNECT", "BUS INIT", "CAN ERROR", "BUS ERROR")
+EMPTY_ANSWER = "(empty answer)"  # stands for an answer that ended with the prompt but held no line
+_PROMPT = b">"
 
 
 class Outcome(enum.Enum):
@@ -73,15 +75,19 @@ class Link:
     def __init__(self, conn: obd.OBD, port: str, timeout_s: float) -> None:
         self._conn = conn
         self._raw: list[Any] | None = None
+        self._sizes: list[int] = []  # data bytes of each raw message as the adapter sent them
         self.supported: frozenset[int] = frozenset()  # mode 01 PIDs the vehicle says it supports
         self.known_up_to = 0  # ... and the highest PID whose support is known
         iface = conn.interface
         send = iface.send_and_parse
 
         # query() keeps only the messages from the command's ECU; the adapter's own text ("NO DATA",
-        # garbage) is needed to tell no data from bad bytes, so keep the unfiltered list too.
+        # garbage) is needed to tell no data from bad bytes, so keep the unfiltered list too. python-obd
+        # then pads a short answer with zero bytes, in place, before decoding it ("41 0D" would read as
+        # 0 km/h): keep the sizes as they came.
         def tapped(cmd: bytes) -> Any:
             self._raw = send(cmd)
+            self._sizes = [len(m.data) for m in self._raw]
             return self._raw
 
         iface.send_and_parse = tapped
@@ -91,6 +97,7 @@ class Link:
         if serial_port is not None:
             serial_port.timeout = timeout_s
             serial_port.write_timeout = timeout_s
+            _tap_empty_answers(iface, serial_port)
         self.info = AdapterInfo(port=port, protocol=conn.protocol_name(), elm_version="", vin=None)
 
     @classmethod
@@ -150,7 +157,7 @@ class Link:
         conn = self._conn
         if conn.status() == OBDStatus.NOT_CONNECTED:
             return Answer(Outcome.LOST, detail="serial port closed")
-        self._raw = None
+        self._raw, self._sizes = None, []
         try:
             response = conn.query(cmd, force=True)
         except Exception as exc:  # a decoder tripping over bad bytes, or python-obd over a vanished port
@@ -164,7 +171,7 @@ class Link:
             if response.value is None:
                 return Answer(Outcome.DECODE_ERROR, detail=_texts(raw))
             return Answer(Outcome.OK, response.value)
-        return _classify(cmd, raw)
+        return _classify(cmd, raw, self._sizes)
 
     def close(self) -> None:
         _close_quietly(self._conn)
@@ -183,15 +190,18 @@ class Link:
         self.supported = frozenset(supported)
 
 
-def _classify(cmd: OBDCommand, raw: Sequence[Any]) -> Answer:
-    frames = [m for m in raw if m.tx_id is not None]  # parsed CAN/legacy frames, by ECU
-    mine = [m for m in frames if cmd.ecu & m.ecu]
+def _classify(cmd: OBDCommand, raw: Sequence[Any], sizes: Sequence[int]) -> Answer:
+    """What an answer to `cmd` says. `sizes`: each raw message's data bytes as received, before python-obd
+    padded short ones with zeros (an answer shorter than the PID defines is a decode error, not zeros)."""
+    frames = [(m, size) for m, size in zip(raw, sizes, strict=True) if m.tx_id is not None]  # CAN/legacy
+    mine = [(m, size) for m, size in frames if cmd.ecu & m.ecu]
     service = 0x40 + cmd.mode
-    valid = [
-        m
-        for m in mine
-        if len(m.data) >= 2 and m.data[0] == service and (cmd.pid is None or m.data[1] == cmd.pid)
+    answers = [
+        (m, size)
+        for m, size in mine
+        if size >= 2 and m.data[0] == service and (cmd.pid is None or m.data[1] == cmd.pid)
     ]
+    valid = [m for m, size in answers if size >= cmd.bytes]  # bytes 0: any length, the decoder checks
     if valid:
         try:
             value = cmd.decode(valid)
@@ -200,7 +210,11 @@ def _classify(cmd: OBDCommand, raw: Sequence[Any]) -> Answer:
         if value is None:
             return Answer(Outcome.DECODE_ERROR, detail=_texts(raw))
         return Answer(Outcome.OK, value)
-    if any(m.data[:1] == b"\x7f" for m in mine):
+    if answers:
+        return Answer(
+            Outcome.DECODE_ERROR, detail=f"shorter than the {cmd.bytes} bytes of {cmd.name}: {_texts(raw)}"
+        )
+    if any(m.data[:1] == b"\x7f" for m, _ in mine):
         return Answer(Outcome.NO_DATA, detail="negative response")
     if mine:
         return Answer(Outcome.DECODE_ERROR, detail=_texts(raw))
@@ -210,6 +224,33 @@ def _classify(cmd: OBDCommand, raw: Sequence[Any]) -> Answer:
     if texts and all(any(t.startswith(marker) for marker in _NO_DATA_TEXT) for t in texts):
         return Answer(Outcome.NO_DATA, detail=_texts(raw))
     return Answer(Outcome.DECODE_ERROR, detail=_texts(raw) or "no parseable answer")
+
+
+def _tap_empty_answers(iface: Any, port: Any) -> None:
+    """Make an answer without a line ("\\r\\r>") one line of its own, EMPTY_ANSWER (a decode error).
+
+    python-obd takes such an answer for silence and reads again, ten times, each waiting out the port timeout:
+    ~11 s, past the query deadline, so a working adapter would be dropped as wedged. A read that sees no
+    prompt at all is still silence, left to python-obd and the deadline. Installed after connect, so
+    python-obd's own initialisation reads as it always did.
+    """
+    read_port, read_answer = port.read, iface._ELM327__read
+    prompt_seen = False
+
+    def port_read(size: int = 1) -> bytes:
+        nonlocal prompt_seen
+        data = read_port(size)
+        prompt_seen = prompt_seen or _PROMPT in data
+        return data
+
+    def answer_read(end_marker: bytes = _PROMPT) -> list[str]:
+        nonlocal prompt_seen
+        prompt_seen = False
+        lines = read_answer(end_marker=end_marker)
+        return lines if lines or not prompt_seen else [EMPTY_ANSWER]
+
+    port.read = port_read
+    iface._ELM327__read = answer_read  # name-mangled ELM327.__read: the instance attribute wins
 
 
 def _texts(raw: Sequence[Any]) -> str:
