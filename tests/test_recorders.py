@@ -257,3 +257,46 @@ def test_backpressure_keeps_readings_in_memory_bounded(tmp_path):
     most, committed, stored = run(tmp_path / "s.db", body)
     assert most <= 50
     assert committed == stored == 3000
+
+
+def raw_state(db: Database, key: str, text: str):
+    """Write a value into the state table as a hand edit or a disk error would: not through StateStore."""
+
+    def write(conn):
+        conn.execute(
+            "INSERT OR REPLACE INTO state(key, value, updated_wall_ns) VALUES (?, ?, 1)", (key, text)
+        )
+
+    return db.run(write)
+
+
+@pytest.mark.parametrize("text", ["{not json", '"a string, not a trip"', '{"id": 3}'])
+def test_a_saved_trip_that_cannot_be_decoded_is_quarantined_and_the_recorder_runs(tmp_path, text):
+    """Guards against a bad saved trip (non-JSON raised StateDecodeError out of restore at every start)."""
+
+    async def body(p: Parts):
+        await raw_state(p.db, "trip", text)
+        rec = p.recorder()
+        await rec.restore()
+        keys = await p.db.run(lambda c: [r[0] for r in c.execute("SELECT key FROM state")])
+        return rec, keys, await p.events_seen()
+
+    rec, keys, events = run(tmp_path / "s.db", body)
+    assert rec.trip is None
+    assert "trip" not in keys and any(k.startswith("quarantine/trip/") for k in keys)
+    assert [e["event"] for e in events] == ["state-quarantined"]
+    assert "saved trip could not be decoded" in rec.saved.alerts()[0]
+
+
+@pytest.mark.parametrize("text", ["[1, 2", '["P0300"]', '{"P0300": "misfire"}'])
+def test_saved_open_dtcs_that_cannot_be_decoded_are_quarantined_not_fatal(tmp_path, text):
+    async def body(p: Parts):
+        await raw_state(p.db, "dtc.active", text)
+        tracker = DtcTracker(p.clock, p.events, p.state)
+        await tracker.update(True, [("P0420", "catalyst")])
+        return tracker, await p.events_seen()
+
+    tracker, events = run(tmp_path / "s.db", body)
+    assert [e["event"] for e in events] == ["state-quarantined", "dtc-on"]
+    assert set(tracker.active) == {"P0420"}
+    assert tracker.saved.alerts()

@@ -39,7 +39,8 @@ from fleetgate.daemon.access.session_policy import OfflineAge, refusal_reason
 from fleetgate.daemon.runtime.clock import Clock, mono_ns
 from fleetgate.drivers.output import OutputError, StartEnable
 from fleetgate.sync.crypto.device_keys import pin_matches
-from fleetgate.sync.store import NewRecord, Outbox, Priority, StoreError
+from fleetgate.sync.store import NewRecord, Outbox, Priority
+from fleetgate.sync.store.database import STORE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +51,6 @@ REVIEW_INTERVAL_S = 1.0
 AGE_SAVE_INTERVAL_S = 60.0
 LOCKED_OUT_AUDIT_EVERY_S = 60.0  # a tally of refusals while locked out is written at least this often
 STORE_ERROR_LOG_EVERY_S = 60.0
-# What a commit that the store cannot take raises: SQLite's own error ("database or disk is full") or the
-# store's (closed, cannot open).
-STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, sqlite3.Error)
 
 
 def is_pin(text: object) -> bool:

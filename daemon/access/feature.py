@@ -10,19 +10,17 @@ full length, an offline age that is too old, start-enable off.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
 
 from fleetgate.config.access import StartEnableConfig
 from fleetgate.config.schema import Config
 from fleetgate.daemon.access.controller import (
     ENABLED_KEY,
     LOCKOUT_KEY,
-    STORE_ERRORS,
     AccessController,
     AccessPolicy,
     is_pin,
@@ -38,6 +36,7 @@ from fleetgate.daemon.runtime.clock import mono_ns
 from fleetgate.daemon.runtime.core import Core
 from fleetgate.daemon.runtime.feature import FeatureError, FeatureParts
 from fleetgate.daemon.runtime.readings import ReadingSink
+from fleetgate.daemon.runtime.saved_state import SavedState
 from fleetgate.drivers.keypad import Keypad, KeypadSettings
 from fleetgate.drivers.output import (
     GpioLine,
@@ -49,7 +48,6 @@ from fleetgate.drivers.output import (
 )
 from fleetgate.sync.crypto.device_keys import DeviceSecretError, box_key, pin_key, read_secret_file
 from fleetgate.sync.crypto.session_set import verify_keys_from_b64
-from fleetgate.sync.store.state import StateDecodeError, quarantine_key
 
 if TYPE_CHECKING:
     import asyncio
@@ -60,71 +58,6 @@ log = logging.getLogger(__name__)
 
 MOVING_FRESH_S = 10.0  # a speed reading older than this says nothing about moving now
 SPEED_SIGNALS = ("vehicle_speed", "gps_speed")
-MAX_REASON_CHARS = 200
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Quarantined:
-    """A saved value that could not be decoded, where it was moved, and what is used instead."""
-
-    key: str
-    reason: str
-    moved_to: str
-    instead: str
-
-
-class SavedState:
-    """Reads this feature's saved values; moves a bad one aside instead of failing to start."""
-
-    def __init__(self, core: Core) -> None:
-        self._core = core
-        self.quarantined: list[Quarantined] = []
-
-    async def load(
-        self,
-        key: str,
-        decode: Callable[[Any], T],
-        fallback: Callable[[], tuple[T, Any]],
-        instead: str,
-    ) -> T:
-        """``decode`` the value of ``key`` (raising ValueError naming what is wrong); if it cannot be decoded,
-        ``fallback()`` gives the value to use and what to save under ``key`` in its place (None: nothing)."""
-        try:
-            raw = await self._core.state.get(key)
-        except StateDecodeError as exc:
-            reason, text = exc.reason, exc.text
-        else:
-            try:
-                return decode(raw)
-            except ValueError as exc:
-                reason, text = str(exc), json.dumps(raw)
-        reason = reason[:MAX_REASON_CHARS]
-        value, replacement = fallback()
-        events = self._core.events
-        stamp = self._core.clock.stamp()
-        moved_to = quarantine_key(key, stamp.wall_ns)
-        body = {"key": key, "reason": reason, "moved_to": moved_to}
-        log.error("saved state cannot be decoded: moved aside", extra={**body, "instead": instead})
-        try:
-            await events.emit(
-                events.record("state-quarantined", body, stamp),
-                state={
-                    moved_to: {"text": text, "reason": reason, "found_wall_ns": stamp.wall_ns},
-                    key: replacement,
-                },
-            )
-        except STORE_ERRORS as exc:  # the bad value stays where it is: the next start finds it again
-            log.error("cannot move the bad state aside", extra={"key": key, "error": str(exc)})
-            moved_to = "(not moved: store unavailable)"
-        self.quarantined.append(Quarantined(key, reason, moved_to, instead))
-        return value
-
-    def alerts(self) -> list[str]:
-        return [
-            f"saved {q.key} could not be decoded ({q.reason}); kept as {q.moved_to}; {q.instead}"
-            for q in self.quarantined
-        ]
 
 
 def output_for(cfg: StartEnableConfig) -> StartEnable:
@@ -166,7 +99,7 @@ async def _build(core: Core) -> FeatureParts:
     sc = config.sessions
     assert sc.vin is not None and config.device.secret_file is not None  # the schema ensures it
     secret = read_secret_file(config.device.secret_file)
-    saved = SavedState(core)
+    saved = SavedState(core.state, core.events, core.clock)
     book = await saved.load(
         BOOK_KEY,
         SessionBook.from_json,

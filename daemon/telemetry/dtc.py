@@ -12,6 +12,7 @@ from typing import Any
 
 from fleetgate.daemon.runtime.clock import Clock
 from fleetgate.daemon.runtime.events import Events, iso_utc
+from fleetgate.daemon.runtime.saved_state import SavedState
 from fleetgate.sync.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -24,14 +25,16 @@ class DtcTracker:
         self._clock = clock
         self._events = events
         self._state = state
+        self.saved = SavedState(state, events, clock)
         self.mil: bool | None = None
         self.active: dict[str, dict[str, Any]] = {}  # code -> {"description", "start"}
         self._loaded = False
 
     async def load(self) -> None:
         if not self._loaded:
-            saved = await self._state.get(STATE_KEY)
-            self.active = saved if isinstance(saved, dict) else {}
+            self.active = await self.saved.load(
+                STATE_KEY, _active, lambda: ({}, {}), "open DTCs forgotten: the next poll reports them anew"
+            )
             self._loaded = True
 
     async def update(self, mil: bool | None, codes: list[tuple[str, str]]) -> None:
@@ -61,3 +64,11 @@ class DtcTracker:
 
     def snapshot(self) -> dict[str, Any]:
         return {"mil": self.mil, "active": [{"code": c, **v} for c, v in sorted(self.active.items())]}
+
+
+def _active(raw: Any) -> dict[str, dict[str, Any]]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict) or not all(isinstance(v, dict) for v in raw.values()):
+        raise ValueError("not an object of DTC occurrences")
+    return raw

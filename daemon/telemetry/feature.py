@@ -17,24 +17,26 @@ from fleetgate.daemon.telemetry.trip_recorder import TripRecorder
 async def build(core: Core) -> FeatureParts:
     config = core.config
     trips = TripRecorder(config.trips, core.clock, core.events, core.state, core.boot_id)
-    parts = FeatureParts(components=[trips])
+    parts = FeatureParts(components=[trips], alerts=[trips.saved.alerts])
     obd_view: Any = None
     gps_view: Any = None
     if config.obd.enabled:
         # Imported only when used: python-obd (and pint under it) costs ~0.5 s and ~18 MB at start.
         from fleetgate.daemon.telemetry.obd_sampler import ObdSampler
 
+        dtcs = DtcTracker(core.clock, core.events, core.state)
         obd_view = ObdSampler(
             config.obd,
             config.trips.running_voltage_v,
             core.clock,
             core.sink,
             trips,
-            DtcTracker(core.clock, core.events, core.state),
+            dtcs,
             core.events,
             core.state,
         )
         parts.components.append(obd_view)
+        parts.alerts += [dtcs.saved.alerts, obd_view.saved.alerts]
     if config.gps.enabled:
         gps_view = GpsSampler(config.gps, core.clock, core.sink, trips)
         parts.components.append(gps_view)

@@ -20,6 +20,7 @@ from fleetgate.config.schema import ObdConfig
 from fleetgate.daemon.runtime.clock import Clock
 from fleetgate.daemon.runtime.events import Events
 from fleetgate.daemon.runtime.readings import ReadingSink
+from fleetgate.daemon.runtime.saved_state import SavedState
 from fleetgate.daemon.telemetry.dtc import DtcTracker
 from fleetgate.daemon.telemetry.trip_recorder import TripRecorder
 from fleetgate.drivers.obd import ObdAdapter, ObdError
@@ -63,6 +64,7 @@ class ObdSampler:
         self._dtcs = dtcs
         self._events = events
         self._state = state
+        self.saved = SavedState(state, events, clock)
         self.adapter: ObdAdapter = adapter_factory(
             config.port, config.baudrate, config.protocol, config.timeout_s
         )
@@ -92,7 +94,12 @@ class ObdSampler:
     async def _identify(self, vin: str | None, protocol: str) -> None:
         if vin is None:
             return
-        previous = await self._state.get(VIN_STATE_KEY)
+        previous = await self.saved.load(
+            VIN_STATE_KEY,
+            _vin,
+            lambda: (None, None),
+            "the last VIN is forgotten: this one is announced as new",
+        )
         if vin != previous:
             await self._events.emit(
                 self._events.record(
@@ -201,3 +208,9 @@ class ObdSampler:
             "dtc": self._dtcs.snapshot(),
             "trips": self._trips.snapshot(),
         }
+
+
+def _vin(raw: Any) -> str | None:
+    if raw is not None and not isinstance(raw, str):
+        raise ValueError("not a VIN string")
+    return raw

@@ -16,6 +16,7 @@ from typing import Any
 from fleetgate.config.schema import TripsConfig
 from fleetgate.daemon.runtime.clock import Clock
 from fleetgate.daemon.runtime.events import Events, iso_utc
+from fleetgate.daemon.runtime.saved_state import SavedState
 from fleetgate.daemon.telemetry.trips import IgnitionDetector, Trip, TripThresholds, geojson_point
 from fleetgate.sync.store import Stamp, StateStore
 
@@ -35,6 +36,7 @@ class TripRecorder:
         self._clock = clock
         self._events = events
         self._state = state
+        self.saved = SavedState(state, events, clock)
         self._boot_id = boot_id
         self.thresholds = TripThresholds(
             moving_speed_kmh=config.moving_speed_kmh,
@@ -56,14 +58,10 @@ class TripRecorder:
         if self._restored:
             return
         self._restored = True
-        saved = await self._state.get(STATE_KEY)
-        if saved is None:
-            return
-        try:
-            trip = Trip.from_json(saved)
-        except (TypeError, ValueError, KeyError) as exc:
-            log.error("saved trip unreadable; dropped", extra={"error": str(exc)})
-            await self._state.delete(STATE_KEY)
+        trip = await self.saved.load(
+            STATE_KEY, _trip, lambda: (None, None), "the trip in progress is dropped"
+        )
+        if trip is None:
             return
         if trip.boot_id == self._boot_id:
             self.trip = trip
@@ -183,3 +181,12 @@ class TripRecorder:
             if trip is None
             else {"id": trip.id, "stats": trip.stats(max(trip.last_mono_ns, trip.start_mono_ns))},
         }
+
+
+def _trip(raw: Any) -> Trip | None:
+    if raw is None:
+        return None
+    try:
+        return Trip.from_json(raw)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise ValueError(f"not a saved trip: {type(exc).__name__}") from None

@@ -49,6 +49,11 @@ class StoreError(Exception):
     """The store cannot be opened or used; the message says why."""
 
 
+# What a store call the store cannot take raises: SQLite's own error ("database or disk is full") or the
+# store's (closed, cannot open).
+STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, sqlite3.Error)
+
+
 class StoreTooNewError(StoreError):
     """The database was written by a newer fleetgate: a configuration problem, not one a restart cures."""
 
@@ -244,7 +249,9 @@ def transaction(conn: sqlite3.Connection, fn: Callable[[sqlite3.Connection], T])
     conn.execute("BEGIN IMMEDIATE")
     try:
         result = fn(conn)
-        conn.execute("COMMIT")  # a failed COMMIT (disk full) may leave the transaction open: rolled back below
+        conn.execute(
+            "COMMIT"
+        )  # a failed COMMIT (disk full) may leave the transaction open: rolled back below
     except BaseException:
         # SQLite may have rolled back already (a full disk does): a second ROLLBACK would hide the real error.
         if conn.in_transaction:
