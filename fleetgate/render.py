@@ -81,6 +81,12 @@ def status(s: dict[str, Any]) -> str:
         out.append("uplink: disabled ([mqtt] enabled = false)")
     for alert in s.get("alerts", []):
         out.append(f"ALERT: {alert}")
+    ctl = s.get("control")
+    if ctl and (ctl["bad_requests"] or ctl["timeouts"] or ctl["evicted"] or ctl["internal_errors"]):
+        out.append(
+            f"control socket: {ctl['requests']} requests, {ctl['bad_requests']} bad, {ctl['timeouts']} timed out,"
+            f" {ctl['evicted']} idle clients dropped, {ctl['internal_errors']} internal errors"
+        )
     store = s["store"]
     out.append(f"store: {store['path']} (schema v{store['schema_version']})")
     if store["recovered"]:

@@ -31,7 +31,9 @@ asyncio's TLS closes such a connection without sending an alert (see ``fleetgate
 
 Every request that reaches the application is recorded (``requests``: method, path, client CN, status).
 Faults for the next N matching requests: ``fail_next`` (a status), ``malformed_next`` (bytes that are not
-JSON), ``shape_next`` (valid JSON of a wrong shape), ``delay_next`` (answer late, to test timeouts).
+JSON, with headers of the test's choosing, e.g. ``Content-Encoding: gzip``), ``shape_next`` (valid JSON of a
+wrong shape), ``delay_next`` (answer late, to test timeouts), ``stream_next`` (a chunked 200 body that goes on
+for as long as the test says, or until the client hangs up; ``streamed`` has the bytes each one sent).
 State and faults are guarded by a lock: tests may call the methods from any thread.
 """
 
@@ -109,6 +111,9 @@ class _Fault:
     body: bytes | None = None
     content_type: str = "application/json"
     delay_s: float = 0.0
+    headers: dict[str, str] = field(default_factory=dict)
+    stream_chunk: bytes = b""  # not empty: a chunked body of this, repeated
+    stream_total: int | None = None  # bytes to stream; None: until the client goes away
 
 
 class ReefServer:
@@ -126,6 +131,7 @@ class ReefServer:
         self._acknowledged: dict[str, frozenset[tuple[int, str]]] = {}
         self._faults: list[_Fault] = []
         self._requests: list[Recorded] = []
+        self._streamed: list[int] = []
         self._runner: web.AppRunner | None = None
         self._inflight: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -329,18 +335,46 @@ class ReefServer:
     # -- faults ---------------------------------------------------------------------------------------------
 
     def fail_next(
-        self, status: int, *, count: int = 1, body: bytes | None = None, path: str | None = None
+        self,
+        status: int,
+        *,
+        count: int = 1,
+        body: bytes | None = None,
+        path: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        """The next ``count`` requests (whose path contains ``path``) get ``status`` and ``body``
-        (default ``{"message": "injected fault"}``)."""
+        """The next ``count`` requests (whose path contains ``path``) get ``status``, ``body``
+        (default ``{"message": "injected fault"}``) and ``headers``."""
         body = body if body is not None else json.dumps({"message": "injected fault"}).encode()
-        self._add_fault(_Fault(count, path, status=status, body=body))
+        self._add_fault(_Fault(count, path, status=status, body=body, headers=dict(headers or {})))
 
     def malformed_next(
-        self, body: bytes = b'{"managed_sessions": [{"id": 1,', *, count: int = 1, path: str | None = None
+        self,
+        body: bytes = b'{"managed_sessions": [{"id": 1,',
+        *,
+        count: int = 1,
+        path: str | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
-        """The next ``count`` requests get 200 with ``body`` (default: JSON cut short)."""
-        self._add_fault(_Fault(count, path, status=200, body=body))
+        """The next ``count`` requests get 200 with ``body`` (default: JSON cut short) and ``headers``
+        (sent as given: ``{"Content-Encoding": "gzip"}`` with a body the test compressed)."""
+        self._add_fault(_Fault(count, path, status=200, body=body, headers=dict(headers or {})))
+
+    def stream_next(
+        self,
+        chunk: bytes = b" " * 65536,
+        *,
+        total: int | None = None,
+        count: int = 1,
+        path: str | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        """The next ``count`` requests get 200 with a chunked body (no Content-Length) of ``chunk`` repeated,
+        ``total`` bytes in all, or, with ``total=None``, until the client hangs up."""
+        if not chunk:
+            raise ValueError("chunk must not be empty")
+        fault = _Fault(count, path, headers=dict(headers or {}), stream_chunk=chunk, stream_total=total)
+        self._add_fault(fault)
 
     def shape_next(self, document: Any, *, count: int = 1, path: str | None = None) -> None:
         """The next ``count`` requests get 200 with ``document`` as JSON (a wrong shape, a bad field ...)."""
@@ -377,6 +411,12 @@ class ReefServer:
         with self._lock:
             return list(self._requests)
 
+    @property
+    def streamed(self) -> list[int]:
+        """Bytes of body each ``stream_next`` answer wrote before it ended or the client hung up."""
+        with self._lock:
+            return list(self._streamed)
+
     # -- HTTP ----------------------------------------------------------------------------------------------
 
     @web.middleware
@@ -390,9 +430,14 @@ class ReefServer:
         try:
             if fault is not None and fault.delay_s:
                 await asyncio.sleep(fault.delay_s)
-            if fault is not None and fault.status is not None:
-                response: web.StreamResponse = web.Response(
-                    status=fault.status, body=fault.body, content_type=fault.content_type
+            if fault is not None and fault.stream_chunk:
+                response: web.StreamResponse = await self._stream(request, fault)
+            elif fault is not None and fault.status is not None:
+                response = web.Response(
+                    status=fault.status,
+                    body=fault.body,
+                    content_type=fault.content_type,
+                    headers=fault.headers,
                 )
             else:
                 response = await handler(request)
@@ -406,6 +451,30 @@ class ReefServer:
                 self._inflight.discard(task)
             with self._lock:
                 self._requests.append(Recorded(request.method, request.path, cn, status))
+
+    async def _stream(self, request: web.Request, fault: _Fault) -> web.StreamResponse:
+        response = web.StreamResponse(
+            status=200, headers={"Content-Type": fault.content_type, **fault.headers}
+        )
+        await response.prepare(request)  # no Content-Length: HTTP/1.1 chunked
+        sent = 0
+        try:
+            while fault.stream_total is None or sent < fault.stream_total:
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    break  # the client hung up
+                await response.write(fault.stream_chunk)
+                sent += len(fault.stream_chunk)
+                # write() yields only when its buffer is full: without this, the news that the client hung up
+                # (a callback) would never run, and this loop would write into the void forever.
+                await asyncio.sleep(0)
+            await response.write_eof()
+        except ConnectionError:
+            pass  # the client hung up, as it should on a body it will not take
+        finally:
+            with self._lock:
+                self._streamed.append(sent)
+        return response
 
     async def _list_all(self, request: web.Request) -> web.Response:
         return web.json_response({"managed_sessions": self.sessions()})

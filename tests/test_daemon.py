@@ -106,6 +106,9 @@ def test_control_socket_survives_bad_requests(tmp_path, start_daemon):
     assert ask(b"x" * 70_000 + b"\n")["error"]["code"] == "too-long"
     assert ask(b'{"v": 1, "cmd": "ping"}\n')["ok"] is True
     assert daemon.proc.poll() is None
+    counted = status_json(daemon)["control"]
+    assert counted["bad_requests"] >= 4 and counted["internal_errors"] == 0
+    assert f"{counted['bad_requests']} bad" in daemon.cli("status").stdout
 
 
 def test_corrupt_database_is_moved_aside_and_the_daemon_goes_on(tmp_path, start_daemon):

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gzip
 import json
 import socket
 import ssl
 import threading
+import tracemalloc
+import zlib
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,6 +25,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from fleetgate.sync.reef.client import (
+    MAX_BODY_BYTES,
     ManagedSession,
     ReefClient,
     ReefConfigError,
@@ -33,6 +37,7 @@ from fleetgate.sync.reef.client import (
     parse_timestamp,
 )
 
+from conftest import wait_until
 from mosquitto_fixture import TlsFiles, free_port, make_tls
 from reef_server import ReefServer
 
@@ -422,6 +427,9 @@ WRONG_SHAPES: list[tuple[Any, str, str]] = [
     ({"managed_sessions": [_session(), _session()]}, "managed_sessions[1].id", "3 is also managed_sessions[0]"),
     ({"managed_sessions": [_session(completion="2021-06-09 22:07:39.000000")]}, "managed_sessions[0].completion",
      "is before initialization"),
+    # A lone surrogate (JSON "\ud800") is no text: the audit and acknowledgement records could not encode it.
+    ({"managed_sessions": [_session(verification_id="c24\ud800")]}, "managed_sessions[0].verification_id",
+     "not valid Unicode"),
 ]  # fmt: skip
 
 
@@ -437,6 +445,85 @@ def test_a_wrong_shape_is_a_response_error_naming_the_field(
     assert exc.where == where, str(exc)
     assert problem in str(exc), str(exc)
     assert str(exc).startswith(f"{where}: ")
+    assert_no_pin(exc, SEED_PINS)
+
+
+# -- hostile bodies (issue 11, finding 12) -----------------------------------------------------------------
+
+HOSTILE_BODIES: list[tuple[str, bytes, str]] = [
+    ("deep-array", b"[" * 100_000, "nests arrays or objects deeper than"),
+    ("deep-in-a-session", b'{"managed_sessions": [{"id": 1, "vin": ' + b'{"a": ' * 50_000, "nests"),
+    ("long-number", b'{"managed_sessions": [{"id": ' + b"9" * 5_000 + b"}]}", "more than 4300 digits"),
+    ("long-number-elsewhere", b'{"managed_sessions": [], "page": -' + b"1" * 4_301 + b"}", "more than 4300 digits"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"), [h[1:] for h in HOSTILE_BODIES], ids=[h[0] for h in HOSTILE_BODIES]
+)
+def test_a_body_nested_too_deep_or_with_a_too_long_number_is_a_response_error(
+    reef: ReefServer, tls: TlsFiles, body: bytes, problem: str
+):
+    """Before: RecursionError / ValueError escaped the client (the poller restarted, nothing counted)."""
+    pin = reef.start_session(VIN)["pin"]
+    reef.malformed_next(body)
+    exc = failure(reef.base_url, tls)
+    assert isinstance(exc, ReefResponseError), repr(exc)
+    assert exc.where == "response" and problem in str(exc), str(exc)
+    assert [s.pin for s in fetch(reef.base_url, tls)] == [pin]
+
+
+def test_an_oversized_body_is_a_response_error_whether_declared_or_streamed(reef: ReefServer, tls: TlsFiles):
+    reef.malformed_next(b" " * (MAX_BODY_BYTES + 1))
+    exc = failure(reef.base_url, tls)
+    assert isinstance(exc, ReefResponseError) and exc.where == "response"
+    assert f"body of {MAX_BODY_BYTES + 1} bytes is larger than the limit" in str(exc)
+
+    reef.stream_next()  # chunked, no Content-Length, never ends: a hostile server streaming gigabytes
+    exc = failure(reef.base_url, tls)
+    assert isinstance(exc, ReefResponseError) and exc.where == "response"
+    assert f"larger than the limit of {MAX_BODY_BYTES} bytes" in str(exc)
+    wait_until("the server to see the client hang up", lambda: reef.streamed)
+
+
+def _gzip_of_zeros(size: int) -> bytes:
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    block = bytes(1 << 20)
+    return b"".join(packer.compress(block) for _ in range(size >> 20)) + packer.flush()
+
+
+def test_a_compressed_body_is_bounded_as_it_decodes(reef: ReefServer, tls: TlsFiles):
+    """1 GiB of zeros gzipped to ~1 MB (under the limit on the wire). Before: httpx inflated each 64 kB read in one
+    go, ~64 MB at once, before the size check saw it."""
+    bomb = _gzip_of_zeros(1 << 30)
+    assert len(bomb) < MAX_BODY_BYTES
+    reef.malformed_next(bomb, headers={"Content-Encoding": "gzip"})
+    tracemalloc.start()
+    try:
+        exc = failure(reef.base_url, tls)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert isinstance(exc, ReefResponseError) and exc.where == "response"
+    assert "larger than the limit" in str(exc), str(exc)
+    assert peak < 8 * MAX_BODY_BYTES, f"{peak / 2**20:.0f} MiB allocated at the peak"
+
+
+def test_a_gzip_body_is_read_and_other_encodings_are_refused(reef: ReefServer, tls: TlsFiles):
+    seed(reef)
+    body = json.dumps({"managed_sessions": reef.sessions(VIN)}).encode()
+    reef.malformed_next(gzip.compress(body), headers={"Content-Encoding": "gzip"})
+    assert [s.id for s in fetch(reef.base_url, tls)] == [1, 2, 3]
+
+    reef.malformed_next(gzip.compress(body)[:-20], headers={"Content-Encoding": "gzip"})
+    exc = failure(reef.base_url, tls)
+    assert isinstance(exc, ReefResponseError) and "gzip" in str(exc), str(exc)
+    reef.malformed_next(b"\x1f\x8b not gzip at all", headers={"Content-Encoding": "gzip"})
+    exc = failure(reef.base_url, tls)
+    assert isinstance(exc, ReefResponseError) and "gzip" in str(exc), str(exc)
+    reef.malformed_next(body, headers={"Content-Encoding": "br"})
+    exc = failure(reef.base_url, tls)
+    assert isinstance(exc, ReefResponseError) and "br" in str(exc), str(exc)
     assert_no_pin(exc, SEED_PINS)
 
 

@@ -4,6 +4,11 @@ One JSON object per line, UTF-8. Request: ``{"v": 1, "cmd": "status", "args": {}
 Reply: ``{"v": 1, "ok": true, "result": {...}}`` or
 ``{"v": 1, "ok": false, "error": {"code": "unknown-command", "message": "..."}}``.
 A connection may carry several requests; replies come back in order.
+
+A request line is at most ``MAX_LINE_BYTES``; ``"v"`` is the integer 1 (``true`` and ``1.0`` are refused). The
+daemon closes a connection that sends no complete request, or does not read its reply, within a few seconds
+(error ``timeout``), and drops the connection waiting longest on its client when every slot is taken and
+another client connects (error ``evicted``): send the request as soon as you connect.
 """
 
 from __future__ import annotations

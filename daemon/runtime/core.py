@@ -143,6 +143,7 @@ class Core:
                 "ping": lambda args: {"pong": __version__},
                 "queue": lambda args: self._queue(),
             },
+            status={"control": lambda snap: self.control.counters()},
         )
         if cfg.time.trust_ntp:
             parts.components.append(NtpWatch(self.clock))

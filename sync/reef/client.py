@@ -7,7 +7,11 @@ the answer into ``ManagedSession`` values, or raises one of:
 - ``ReefUnavailable`` (``.kind`` says which): REEF's server certificate is not trusted, REEF refused our
   client certificate, connection refused, host unreachable, timeout, other TLS or connection failures;
 - ``ReefHttpError`` (``.status``): any non-2xx answer;
-- ``ReefResponseError`` (``.where``): a 2xx answer that is not the documented shape;
+- ``ReefResponseError`` (``.where``): a 2xx answer that is not the documented shape, including a body that is
+  not UTF-8 JSON, nests deeper than the parser goes, holds a number of more digits than Python converts, holds
+  a string that is not Unicode text (a lone surrogate), or is larger than ``MAX_BODY_BYTES`` (declared, sent,
+  or once decoded: a gzip body is inflated piecewise and stops at the limit, so a small compressed bomb
+  cannot take memory; encodings other than gzip are refused);
 - ``ReefConfigError``: the CA, certificate or key file cannot be loaded.
 
 All derive from ``ReefError``; callers count failures by class. No message ever holds a response body or a
@@ -33,6 +37,8 @@ import os
 import re
 import socket
 import ssl
+import sys
+import zlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -179,6 +185,8 @@ def _parse_session(raw: Any, at: str, vin: str | None) -> ManagedSession:
     got_vin = _require(raw, "vin", at)
     if not isinstance(got_vin, str) or not got_vin:
         _bad(f"{at}.vin", f"expected a non-empty string, got {_show(got_vin)}")
+    if not _is_text(got_vin):
+        _bad(f"{at}.vin", _NOT_TEXT)
     if vin is not None and got_vin != vin:
         _bad(f"{at}.vin", f"a session of vehicle {_show(got_vin)}, not of {_show(vin)}")
     pin = _require(raw, "pin", at)
@@ -201,6 +209,8 @@ def _parse_session(raw: Any, at: str, vin: str | None) -> ManagedSession:
     verification_id = _require(raw, "verification_id", at)
     if not isinstance(verification_id, str) or not 1 <= len(verification_id) <= MAX_VERIFICATION_ID:
         _bad(f"{at}.verification_id", f"expected a string of 1-256 characters, got {_show(verification_id)}")
+    if not _is_text(verification_id):
+        _bad(f"{at}.verification_id", _NOT_TEXT)
     return ManagedSession(ident, got_vin, pin, initialization, completion, verification_id)
 
 
@@ -213,6 +223,19 @@ def parse_timestamp(value: str) -> datetime:
     year, month, day, hour, minute, second, fraction = match.groups()
     micro = int((fraction or "0")[:6].ljust(6, "0"))
     return datetime(int(year), int(month), int(day), int(hour), int(minute), int(second), micro, tzinfo=UTC)
+
+
+_NOT_TEXT = "a string that is not valid Unicode text (a lone surrogate escape such as \\ud800)"
+
+
+def _is_text(value: str) -> bool:
+    """False for a string with a lone surrogate (JSON allows the escape): it cannot be encoded as UTF-8, so no
+    record or message holding it could be written."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _timestamp(value: Any, where: str, also: str) -> datetime:
@@ -237,6 +260,10 @@ def _load_json(body: bytes | str) -> Any:
     except json.JSONDecodeError as exc:
         # exc.msg and the position only: the exception's doc is the body, which may hold PINs.
         _bad("response", f"body is not JSON ({exc.msg} at line {exc.lineno} column {exc.colno})")
+    except RecursionError:
+        _bad("response", "body nests arrays or objects deeper than the JSON parser goes")
+    except ValueError:  # the only other ValueError json raises: an int longer than Python converts
+        _bad("response", f"body holds a number of more than {sys.get_int_max_str_digits()} digits")
 
 
 def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -369,7 +396,12 @@ class ReefClient:
             limits=httpx.Limits(max_keepalive_connections=0),
             follow_redirects=False,
             trust_env=False,
-            headers={"Accept": "application/json", "User-Agent": f"fleetgate/{__version__}"},
+            # gzip only: the body is decoded here (``_read_limited``), bounded as it inflates.
+            headers={
+                "Accept": "application/json",
+                "Accept-Encoding": "gzip",
+                "User-Agent": f"fleetgate/{__version__}",
+            },
         )
 
     async def get_vehicle_sessions(self, vin: str) -> list[ManagedSession]:
@@ -402,8 +434,6 @@ class ReefClient:
                     return await _read_limited(response)
         except ReefError:
             raise
-        except httpx.DecodingError:
-            raise ReefResponseError("response", "body does not decode with its Content-Encoding") from None
         except httpx.RemoteProtocolError as exc:
             if answered or not str(exc).startswith("Server disconnected"):
                 # The h11 message may quote the server's bytes, so it is not repeated here.
@@ -521,14 +551,40 @@ def _status_error(response: httpx.Response, path: str) -> ReefHttpError:
 
 
 async def _read_limited(response: httpx.Response) -> bytes:
+    """The body, decoded, of at most MAX_BODY_BYTES on the wire and once decoded; ReefResponseError otherwise.
+
+    httpx's own decoding inflates each read whole (~64 MB from 64 kB of gzipped zeros) before anyone can count
+    it, so the raw bytes are read and inflated here, never more than the limit allows at a time."""
     declared = response.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        _bad("response", f"body of {declared} bytes is larger than the limit of {MAX_BODY_BYTES}")
+    if declared.isascii() and declared.isdigit() and (len(declared) > 15 or int(declared) > MAX_BODY_BYTES):
+        _bad("response", f"body of {_short(declared, 20)} bytes is larger than the limit of {MAX_BODY_BYTES}")
+    encoding = response.headers.get("content-encoding", "").strip().lower()
+    if encoding not in ("", "identity", "gzip", "x-gzip"):
+        _bad("response", f"Content-Encoding {_short(encoding, 32)!r} is not gzip, the only one asked for")
+    inflate = zlib.decompressobj(zlib.MAX_WBITS | 16) if "gzip" in encoding else None
     chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.aiter_bytes():
-        size += len(chunk)
+    raw = size = 0
+
+    def take(data: bytes) -> None:
+        nonlocal size
+        size += len(data)
         if size > MAX_BODY_BYTES:
             _bad("response", f"body is larger than the limit of {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
+        chunks.append(data)
+
+    try:
+        async for chunk in response.aiter_raw():
+            raw += len(chunk)
+            if raw > MAX_BODY_BYTES:
+                _bad("response", f"body is larger than the limit of {MAX_BODY_BYTES} bytes")
+            if inflate is None:
+                take(chunk)
+                continue
+            while chunk and not inflate.eof:
+                take(inflate.decompress(chunk, MAX_BODY_BYTES - size + 1))
+                chunk = inflate.unconsumed_tail
+        if inflate is not None and not inflate.eof:
+            _bad("response", "body's gzip stream is cut short")
+    except zlib.error as exc:
+        _bad("response", f"body does not decode as gzip ({exc})")
     return b"".join(chunks)
