@@ -541,6 +541,10 @@ def _string(obj: dict[str, Any], name: str, at: str, *, max_len: int = 256) -> s
         _malformed(f"{at}{name}", f"must be a string, not {_json_type(value)}")
     if not 1 <= len(value) <= max_len:
         _malformed(f"{at}{name}", f"must be 1-{max_len} characters long, not {len(value)}")
+    if not value.isprintable():
+        # A lone surrogate (JSON "\ud800") cannot be written into the ack or audit records, and a control
+        # character has no business in an id: refused here, not as a failure when the set is applied.
+        _malformed(f"{at}{name}", "must be printable Unicode text (no control characters or lone surrogates)")
     return value
 
 

@@ -1,0 +1,270 @@
+"""Fuzz suite, MQTT downlink edge: session-set messages into the device's real verifier and parser.
+
+Cases covered (hypothesis, derandomized, about 10 s):
+
+- raw payload bytes (noise, truncated and bit-flipped real messages);
+- envelopes of every JSON shape with hostile member values (wrong types, huge and deep values, unicode);
+- bodies *signed with the pinned key*, so the parser behind the signature is reached: a valid body with one
+  member replaced by a hostile value (wrong type, 5,000-digit integer, 3,000-deep array, lone surrogate,
+  control characters, out-of-range timestamps and ids, booleans for integers), random JSON documents, and
+  valid bodies with sessions duplicated, dropped or shuffled.
+
+Asserted: ``open_session_set`` returns a ``SessionSet`` or raises ``SessionSetRejected`` with one of the
+documented reasons, nothing else; ``check_fresh`` on an opened set does the same; every string of an accepted
+set can be written into the acknowledgement and audit records (strict UTF-8 JSON), and every accepted PIN is
+4-12 ASCII digits.
+
+What it found: a signed set whose ``verification_id`` (or ``vin``, ``device``) was a lone surrogate (JSON
+``"\ud800"``) or held control characters was accepted, and then failed when applied, because the
+acknowledgement could not be encoded: a traceback at every redelivery of the retained message instead of a
+counted refusal. Such strings are now ``malformed``. Nothing else in the verifier or parser.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nacl.public import PrivateKey
+from nacl.signing import SigningKey
+
+from fleetgate.sync.crypto.session_set import (
+    SIGNING_PREFIX,
+    SessionSet,
+    SessionSetRejected,
+    check_fresh,
+    key_id,
+    open_session_set,
+    seal_session_set,
+)
+
+DEVICE = "veh-fuzz"
+VIN = "1D4PT4GKXBW600841"
+SIGNER = SigningKey(bytes(range(32)))
+BOX = PrivateKey(bytes(range(32, 64)))
+DEVICE_PUBLIC = base64.b64encode(bytes(BOX.public_key)).decode()
+# The refusal reasons the module documents (its table of checks).
+REASONS = {
+    "malformed",
+    "unsupported-version",
+    "unsigned",
+    "unknown-key",
+    "bad-signature",
+    "wrong-device",
+    "wrong-vehicle",
+    "unsealable-pin",
+    "older-version",
+    "replayed",
+    "issued-earlier",
+}
+FUZZ = settings(
+    max_examples=250,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+def valid_payload() -> bytes:
+    start = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
+    return seal_session_set(
+        device=DEVICE,
+        vin=VIN,
+        version=7,
+        issued_at=start + timedelta(hours=1),
+        sessions=[
+            {
+                "id": 2,
+                "verification_id": "c24gt2d8f41c9450911e7890",
+                "initialization": start,
+                "completion": start + timedelta(minutes=30),
+            },
+            {
+                "id": 3,
+                "verification_id": "60c252d8f41c9450911e8926",
+                "initialization": start,
+                "completion": "active",
+                "pin": "739164",
+                "expires": start + timedelta(days=1),
+            },
+        ],
+        signing_key=SIGNER,
+        device_public_key_b64=DEVICE_PUBLIC,
+    )
+
+
+VALID = valid_payload()
+VALID_BODY: dict[str, Any] = json.loads(base64.b64decode(json.loads(VALID)["body"]))
+
+
+def signed(body: bytes) -> bytes:
+    """An envelope around ``body`` that verifies with the pinned key: the parser behind it is reached."""
+    return json.dumps(
+        {
+            "v": 1,
+            "alg": "ed25519",
+            "key_id": key_id(SIGNER.verify_key),
+            "body": base64.b64encode(body).decode(),
+            "sig": base64.b64encode(SIGNER.sign(SIGNING_PREFIX + body).signature).decode(),
+        }
+    ).encode()
+
+
+def check(payload: bytes) -> SessionSet | None:
+    """Open the payload as the device does; fail on anything but a set or a documented refusal."""
+    try:
+        opened = open_session_set(
+            payload, verify_keys=[SIGNER.verify_key], box_key=BOX, device=DEVICE, vin=VIN
+        )
+    except SessionSetRejected as exc:
+        assert exc.reason in REASONS, exc.reason
+        return None
+    for last in ((None, None, None), (7, datetime(2026, 6, 1, 13, 0, tzinfo=UTC), b"\0" * 32)):
+        try:
+            check_fresh(opened, *last)
+        except SessionSetRejected as exc:
+            assert exc.reason in REASONS, exc.reason
+    strings = [opened.device, opened.vin] + [g.verification_id for g in opened.sessions]
+    json.dumps(strings, ensure_ascii=False).encode("utf-8")  # the ack and audit records can hold them
+    for grant in opened.sessions:
+        assert grant.pin is None or (
+            grant.pin.isascii() and grant.pin.isdigit() and 4 <= len(grant.pin) <= 12
+        )
+    return opened
+
+
+def to_json(document: Any) -> bytes:
+    """JSON text as a hostile cloud could write it: HUGE becomes a 5,000-digit integer literal."""
+    return json.dumps(document).replace(json.dumps(HUGE), "1" + "0" * 5000).encode()
+
+
+def test_the_valid_message_opens():
+    """The suite's baseline: its valid message is accepted, so rejections below are the inputs' doing."""
+    opened = check(VALID)
+    assert opened is not None and [g.id for g in opened.sessions] == [2, 3]
+    assert check(signed(json.dumps(VALID_BODY).encode())) is not None
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_random_bytes_are_refused(noise):
+    assert check(noise) is None
+
+
+@FUZZ
+@given(st.integers(0, len(VALID) - 1), st.integers(1, 255), st.booleans())
+def test_a_flipped_or_cut_real_message_is_refused_or_unchanged(at, xor, cut):
+    damaged = VALID[:at] if cut else VALID[:at] + bytes([VALID[at] ^ xor]) + VALID[at + 1 :]
+    opened = check(damaged)
+    if opened is not None:  # a flip in JSON whitespace or base64 padding can leave the same meaning
+        assert opened.digest == check(VALID).digest  # type: ignore[union-attr]
+
+
+HUGE = "__a 5000-digit integer__"
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=20,
+)
+hostile = (
+    json_values
+    | st.just("\ud800")
+    | st.just("x\u0000y\u001b[2J")
+    | st.just(HUGE)
+    | st.just(-(2**63))
+    | st.just(2**63)
+    | st.just(True)
+    | st.just("9999-12-31T23:59:59.999999Z")
+    | st.just("0001-01-01T00:00:00Z")
+    | st.just("2026-02-30T00:00:00Z")
+    | st.just("a" * 5000)
+)
+
+
+@FUZZ
+@given(st.sampled_from(sorted({"v", "alg", "key_id", "body", "sig"})), hostile)
+def test_an_envelope_member_replaced_by_anything_is_refused(member, value):
+    envelope = json.loads(VALID)
+    envelope[member] = value
+    assert (
+        check(to_json(envelope)) is None or member == "key_id"
+    )  # key_id is a hint, but a wrong one finds no key
+
+
+def body_paths(body: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    paths = [prefix] if prefix else []
+    if isinstance(body, dict):
+        for key, value in body.items():
+            paths += body_paths(value, (*prefix, key))
+    elif isinstance(body, list):
+        for index, value in enumerate(body):
+            paths += body_paths(value, (*prefix, index))
+    return paths
+
+
+PATHS = body_paths(VALID_BODY)
+
+
+@FUZZ
+@given(st.sampled_from(PATHS), hostile)
+def test_a_signed_body_with_any_member_replaced_is_opened_or_refused_cleanly(path, value):
+    body = copy.deepcopy(VALID_BODY)
+    target = body
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = value
+    check(signed(to_json(body)))
+
+
+@FUZZ
+@given(json_values)
+def test_a_signed_body_of_any_json_shape_is_refused(document):
+    assert check(signed(json.dumps(document).encode())) is None
+
+
+@FUZZ
+@given(st.integers(1, 3000), st.sampled_from(PATHS))
+def test_deep_nesting_anywhere_in_a_signed_body_is_refused(levels, path):
+    body = copy.deepcopy(VALID_BODY)
+    target = body
+    for step in path[:-1]:
+        target = target[step]
+    target[path[-1]] = "__DEEP__"
+    raw = json.dumps(body).replace('"__DEEP__"', "[" * levels + "]" * levels, 1)
+    assert check(signed(raw.encode())) is None
+    assert check(signed(("[" * levels + "]" * levels).encode())) is None
+
+
+@FUZZ
+@given(st.lists(st.sampled_from([0, 1]), max_size=6), st.randoms(use_true_random=False))
+def test_sessions_duplicated_dropped_or_shuffled_are_opened_or_refused_cleanly(picks, rnd):
+    body = copy.deepcopy(VALID_BODY)
+    body["sessions"] = [copy.deepcopy(VALID_BODY["sessions"][i]) for i in picks]
+    rnd.shuffle(body["sessions"])
+    opened = check(signed(json.dumps(body).encode()))
+    if len(set(picks)) != len(picks):
+        assert opened is None  # a session id twice in one set
+
+
+def test_a_lone_surrogate_or_control_character_in_a_string_is_malformed():
+    """Guards against a set the parser accepts and the ack writer then cannot encode (found by this suite)."""
+    for path, value in ((("sessions", 0, "verification_id"), "\ud800"), (("vin",), "1D4PT4GKX\u0000W600841")):
+        body = copy.deepcopy(VALID_BODY)
+        target = body
+        for step in path[:-1]:
+            target = target[step]
+        target[path[-1]] = value
+        try:
+            open_session_set(
+                signed(to_json(body)), verify_keys=[SIGNER.verify_key], box_key=BOX, device=DEVICE, vin=VIN
+            )
+        except SessionSetRejected as exc:
+            assert exc.reason == "malformed" and path[-1] in exc.detail
+        else:
+            raise AssertionError(f"{path} = {value!r} was accepted")
