@@ -13,11 +13,8 @@ and relay on socat ptys (the rig of tests/test_access_daemon.py).
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
-import os
 import sqlite3
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +30,7 @@ from fleetgate.sync.crypto.device_keys import generate_secret_file
 
 from conftest import wait_until, write_config
 from mosquitto_fixture import free_port
+from small_disk import fill, small_tmpfs
 
 pytestmark = pytest.mark.timeout(240)
 rig = access_rig.rig  # fixtures: the daemon with broker, keypad and relay; the pty pairs it uses
@@ -275,33 +273,6 @@ def test_non_ascii_digits_are_not_a_pin_and_never_count(rig):
 # -- a full disk ------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def small_tmpfs(path: Path, size: str = "4m"):
-    """A tmpfs of ``size`` at ``path`` (root only); skip the test where mounting is not allowed."""
-    path.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def _fill(directory: Path) -> Path:
-    filler = directory / "filler"
-    with open(filler, "wb") as out, contextlib.suppress(OSError):  # ENOSPC: full
-        while True:
-            out.write(b"\0" * 65536)
-            out.flush()
-            os.fsync(out.fileno())
-    return filler
-
-
 def test_pin_test_on_a_full_disk_answers_store_unavailable(tmp_path, start_daemon):
     secret = tmp_path / "device.secret"
     generate_secret_file(secret)
@@ -337,7 +308,7 @@ max_failures = 3
         daemon = start_daemon(config)
         daemon.wait_ready()
         assert _pin_test(daemon, WRONG_PIN).stdout.startswith("refused: no-match")
-        filler = _fill(state)
+        filler = fill(state)
         full = _pin_test(daemon, WRONG_PIN)
         assert full.returncode == 1, full.stderr
         assert "refused: store-unavailable" in full.stdout and "internal" not in full.stderr, full

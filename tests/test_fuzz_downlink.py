@@ -34,6 +34,7 @@ from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 
 from fleetgate.sync.crypto.session_set import (
+    REASONS,
     SIGNING_PREFIX,
     SessionSet,
     SessionSetRejected,
@@ -48,20 +49,6 @@ VIN = "1D4PT4GKXBW600841"
 SIGNER = SigningKey(bytes(range(32)))
 BOX = PrivateKey(bytes(range(32, 64)))
 DEVICE_PUBLIC = base64.b64encode(bytes(BOX.public_key)).decode()
-# The refusal reasons the module documents (its table of checks).
-REASONS = {
-    "malformed",
-    "unsupported-version",
-    "unsigned",
-    "unknown-key",
-    "bad-signature",
-    "wrong-device",
-    "wrong-vehicle",
-    "unsealable-pin",
-    "older-version",
-    "replayed",
-    "issued-earlier",
-}
 FUZZ = settings(
     max_examples=250,
     deadline=None,

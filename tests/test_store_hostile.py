@@ -9,11 +9,8 @@ daemon goes on and keeps everything it committed.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import sqlite3
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +20,7 @@ from fleetgate.sync.store.database import StoreError, StoreTooNewError, open_con
 from fleetgate.sync.store.integrity import MAX_SEQ
 
 from conftest import daemon_config, wait_until
+from small_disk import fill, small_tmpfs
 
 
 def fresh_db(path: Path, records: int = 3) -> None:
@@ -166,35 +164,8 @@ def streams_of(status: dict) -> dict[str, dict]:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 16 MiB tmpfs: a real file system that really fills up (the tests run as root, as CI does)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with small_tmpfs(tmp_path / "disk", "16m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
-def fill(folder: Path) -> Path:
-    """Write zeros until the file system says it is full."""
-    filler = folder / "filler"
-    chunk = b"\0" * 65536
-    with open(filler, "wb", buffering=0) as out:
-        while True:
-            try:
-                out.write(chunk)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC, exc
-                break
-    with contextlib.suppress(OSError), open(filler, "ab", buffering=0) as out:
-        while True:  # the last few bytes a 64 KiB chunk did not fit in
-            out.write(b"\0" * 512)
-    return filler
 
 
 def test_a_full_disk_is_an_alert_and_loses_nothing_committed(tmp_path, small_disk, start_daemon):
