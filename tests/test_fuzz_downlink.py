@@ -9,6 +9,10 @@ Cases covered (hypothesis, derandomized, about 10 s):
   control characters, out-of-range timestamps and ids, booleans for integers), random JSON documents, and
   valid bodies with sessions duplicated, dropped or shuffled.
 
+And through a real broker to a running daemon (test_access_daemon's rig), 60 messages drawn with a fixed seed
+from the same kinds (noise, the applied message cut short, forged, signed with hostile member types): each
+refusal counted, the sessions and the accepted PIN unchanged, no traceback.
+
 Asserted: ``open_session_set`` returns a ``SessionSet`` or raises ``SessionSetRejected`` with one of the
 documented reasons, nothing else; ``check_fresh`` on an opened set does the same; every string of an accepted
 set can be written into the acknowledgement and audit records (strict UTF-8 JSON), and every accepted PIN is
@@ -25,13 +29,16 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import paho.mqtt.client as paho
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
+from paho.mqtt.enums import CallbackAPIVersion
 
 from fleetgate.sync.crypto.session_set import (
     REASONS,
@@ -44,6 +51,14 @@ from fleetgate.sync.crypto.session_set import (
     seal_session_set,
 )
 
+import test_access_daemon
+from conftest import wait_until
+from test_access_daemon import DEVICE as DAEMON_DEVICE
+from test_access_daemon import PIN, session, sessions, synced_version, type_pin
+
+# The daemon-level case runs on test_access_daemon's rig: a real daemon, broker, keypad and relay.
+rig = test_access_daemon.rig
+pty_pairs = test_access_daemon.pty_pairs
 DEVICE = "veh-fuzz"
 VIN = "1D4PT4GKXBW600841"
 SIGNER = SigningKey(bytes(range(32)))
@@ -255,3 +270,68 @@ def test_a_lone_surrogate_or_control_character_in_a_string_is_malformed():
             assert exc.reason == "malformed" and path[-1] in exc.detail
         else:
             raise AssertionError(f"{path} = {value!r} was accepted")
+
+
+def hostile_payloads(cloud_key: SigningKey, device: str, applied: bytes, count: int) -> list[bytes]:
+    """``count`` messages a running daemon must refuse, drawn with a fixed seed from the suite's generators:
+    noise, the applied message damaged, forged (an unknown key), and bodies signed with the pinned key that
+    carry a hostile value of the wrong type."""
+    rnd = random.Random(11)
+    forger = SigningKey(bytes(range(100, 132)))
+    envelope = json.loads(applied)
+    body = json.loads(base64.b64decode(envelope["body"]))
+    wrong_types: list[Any] = [None, True, [], {}, "x" * 300, 1.5, [[[[[]]]]], -1]
+    out = []
+    for index in range(count):
+        kind = index % 4
+        if kind == 0:
+            out.append(rnd.randbytes(rnd.randrange(0, 512)))
+        elif kind == 1:
+            cut = rnd.randrange(1, len(applied))
+            out.append(applied[:cut])
+        elif kind == 2:
+            raw = json.dumps({**body, "version": body["version"] + 100 + index}).encode()
+            sig = forger.sign(SIGNING_PREFIX + raw).signature
+            out.append(json.dumps({**envelope, "key_id": key_id(forger.verify_key),
+                                   "body": base64.b64encode(raw).decode(),
+                                   "sig": base64.b64encode(sig).decode()}).encode())  # fmt: skip
+        else:
+            hostile_body = copy.deepcopy(body)
+            member = rnd.choice(["device", "vin", "version", "issued_at", "sessions"])
+            hostile_body[member] = rnd.choice(
+                [v for v in wrong_types if not isinstance(v, type(body[member]))]
+            )
+            raw = json.dumps(hostile_body).encode()
+            sig = cloud_key.sign(SIGNING_PREFIX + raw).signature
+            out.append(json.dumps({**envelope, "body": base64.b64encode(raw).decode(),
+                                   "sig": base64.b64encode(sig).decode()}).encode())  # fmt: skip
+    return out
+
+
+def test_a_running_daemon_counts_every_hostile_downlink_message_and_keeps_its_sessions(rig):
+    """Through a real broker to a real daemon: each refusal counted, the sessions and the PIN unchanged, the
+    daemon answering, no traceback."""
+    applied = rig.cloud.sign([session(3)])
+    rig.cloud.publish(applied)
+    wait_until("set applied", lambda: synced_version(rig.daemon) == 1)
+    before = sessions(rig.daemon)
+    refused_before = sum(before["downlink"]["rejected"].values())
+    payloads = hostile_payloads(rig.cloud.key, DAEMON_DEVICE, applied, 60)
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", rig.broker.port)
+    client.loop_start()
+    try:
+        for payload in payloads:
+            client.publish(f"fleetgate/v1/{DAEMON_DEVICE}/down/sessions", payload, qos=1).wait_for_publish(10)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    wait_until(
+        "every message refused and counted",
+        lambda: sum(sessions(rig.daemon)["downlink"]["rejected"].values()) - refused_before == len(payloads),
+        timeout=60,
+    )
+    after = sessions(rig.daemon)
+    assert after["sessions"] == before["sessions"] and after["sync"]["mqtt_version"] == 1
+    assert type_pin(rig.keypad, PIN) == b"G\n"
+    assert "Traceback" not in rig.daemon.log
