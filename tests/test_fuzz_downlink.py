@@ -34,11 +34,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import paho.mqtt.client as paho
+import test_access_daemon
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.public import PrivateKey
 from nacl.signing import SigningKey
 from paho.mqtt.enums import CallbackAPIVersion
+from test_access_daemon import DEVICE as DAEMON_DEVICE
+from test_access_daemon import PIN, session, sessions, synced_version, type_pin
 
 from fleetgate.sync.crypto.session_set import (
     REASONS,
@@ -51,10 +54,7 @@ from fleetgate.sync.crypto.session_set import (
     seal_session_set,
 )
 
-import test_access_daemon
 from conftest import wait_until
-from test_access_daemon import DEVICE as DAEMON_DEVICE
-from test_access_daemon import PIN, session, sessions, synced_version, type_pin
 
 # The daemon-level case runs on test_access_daemon's rig: a real daemon, broker, keypad and relay.
 rig = test_access_daemon.rig
