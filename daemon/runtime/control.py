@@ -19,8 +19,8 @@ Hostile or broken clients cannot lock technicians out (issue 11):
   digits than Python converts (``too-many-digits``) are bad requests like any other; error messages show
   at most a short excerpt of what was sent.
 
-Counters (``counters()``), shown by ``fleetgate status --json`` as its ``control`` section (added here to the
-``status`` command's answer): ``clients`` (slots held now), ``max_clients``, ``requests`` (lines received),
+Counters (``counters()``), shown by ``fleetgate status --json`` as its ``control`` section (a status view the
+core adds): ``clients`` (slots held now), ``max_clients``, ``requests`` (lines received),
 ``bad_requests`` (refused, each with its code), ``internal_errors`` (a command failed), ``timeouts`` and
 ``evicted`` (connections dropped as above).
 """
