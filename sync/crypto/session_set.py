@@ -92,7 +92,7 @@ import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, get_args
 
 from nacl.exceptions import BadSignatureError, CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
@@ -107,21 +107,6 @@ SEAL_OVERHEAD = 48  # crypto_box_seal: 32-byte ephemeral public key + 16-byte MA
 MAX_INT = 2**63 - 1  # ids and versions fit SQLite's INTEGER
 MAX_VERIFICATION_ID = 256
 
-REASONS = frozenset(
-    {
-        "malformed",
-        "unsupported-version",
-        "unsigned",
-        "unknown-key",
-        "bad-signature",
-        "wrong-device",
-        "wrong-vehicle",
-        "unsealable-pin",
-        "older-version",
-        "replayed",
-        "issued-earlier",
-    }
-)
 Reason = Literal[
     "malformed",
     "unsupported-version",
@@ -135,6 +120,7 @@ Reason = Literal[
     "replayed",
     "issued-earlier",
 ]
+REASONS: frozenset[str] = frozenset(get_args(Reason))
 
 _ENVELOPE_KEYS = frozenset({"v", "alg", "key_id", "body", "sig"})
 _BODY_KEYS = frozenset({"device", "vin", "version", "issued_at", "sessions"})
