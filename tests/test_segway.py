@@ -11,6 +11,7 @@ import pytest
 
 from fleetgate.sync.segway.errors import CODES, SegwayError, TokenRejected, error_for
 from fleetgate.sync.segway.push import PushRejected, parse_form, signature, verify
+from fleetgate.sync.segway.regions import api_base
 
 SEED = Path(__file__).resolve().parent.parent.parent / "shared" / "seeds" / "segway-emoped-api.md"
 SECRET = "e2651be5-12d3-48f3-ba6c-bc2b04a447b6"  # the seed's example client_secret
@@ -89,3 +90,14 @@ def test_a_push_signed_by_segway_verifies_whatever_fields_it_carries():
 def test_a_push_that_is_not_segways_is_rejected_with_the_reason(body, why):
     with pytest.raises(PushRejected, match=why):
         verify(parse_form(body), SECRET)
+
+
+def test_the_platform_codes_first_letter_picks_the_region_and_an_override_wins():
+    assert api_base("A20081") == "https://apac-api.segwaydiscovery.com"
+    assert api_base("E10001") == "https://eu-api.segwaydiscovery.com"
+    assert api_base("U10001") == "https://us-api.segwaydiscovery.com"
+    assert api_base("C10001") == "https://cn-api.segwaydiscovery.com"
+    assert api_base("A20081", "https://127.0.0.1:8443/") == "https://127.0.0.1:8443"
+    for code in ("a20081", "X1", ""):
+        with pytest.raises(ValueError, match="no Segway region"):
+            api_base(code)
