@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -283,10 +282,6 @@ class AccessController:
         return True
 
     def _store_failed(self, exc: BaseException) -> None:
-        # The error that started it: on SQLITE_FULL SQLite may roll back by itself, and the store's own
-        # ROLLBACK then fails with "cannot rollback - no transaction is active", the disk-full error as context.
-        while isinstance(exc.__context__, sqlite3.Error):
-            exc = exc.__context__
         self.store_failures += 1
         self.store_error = str(exc) or type(exc).__name__
         now = time.monotonic()

@@ -132,8 +132,9 @@ def open_connection(
         log.error("store WAL damaged, copy kept", extra={"reason": wal_damage, "copied_to": str(wal_copy)})
     conn, problem = _open_checked(path, synchronous)
     if conn is not None:
-        if wal_damage is None or wal_copy is None:
+        if wal_copy is None:
             return conn, None
+        assert wal_damage is not None  # a copy is kept only of a damaged WAL
         kept = "; kept: the database with every transaction before the damage"
         return conn, RecoveryReport(wal_damage + kept, wal_copy)
     moved = _move_aside(path)

@@ -13,6 +13,7 @@ import re
 import sqlite3
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 from fleetgate.sync.store.migrations import MIGRATIONS, migrate
 
@@ -112,10 +113,15 @@ def wal_problem(wal: Path) -> str | None:
         return None
     if size > WAL_VERIFY_MAX_BYTES:
         return None
-    data = wal.read_bytes()
-    if len(data) < 32:
-        return f"WAL header torn ({len(data)} bytes): none of it replayed"
-    magic, version, page_size, _, salt1, salt2, c0, c1 = struct.unpack(">8I", data[:32])
+    with wal.open("rb") as file:  # frame by frame: memory stays one page, whatever the WAL's size
+        return _walk(file, size)
+
+
+def _walk(file: BinaryIO, size: int) -> str | None:
+    header = file.read(32)
+    if len(header) < 32:
+        return f"WAL header torn ({len(header)} bytes): none of it replayed"
+    magic, version, page_size, _, salt1, salt2, c0, c1 = struct.unpack(">8I", header)
     big_endian = magic == WAL_MAGIC[1]
     if (
         magic not in WAL_MAGIC
@@ -123,39 +129,40 @@ def wal_problem(wal: Path) -> str | None:
         or page_size < 512
         or page_size > 65536
         or page_size & (page_size - 1)
-        or _checksum(data[:24], big_endian) != (c0, c1)
+        or _checksum(header[:24], big_endian) != (c0, c1)
     ):
-        return f"WAL header damaged: {len(data)} bytes not replayed"
+        return f"WAL header damaged: {size} bytes not replayed"
     frame_size = 24 + page_size
+    salts = (salt1, salt2)
     s0, s1 = c0, c1
-    frames = (len(data) - 32) // frame_size
+    frames = (size - 32) // frame_size
     for index in range(frames):
-        at = 32 + index * frame_size
-        _, _, f_salt1, f_salt2, f0, f1 = struct.unpack(">6I", data[at : at + 24])
-        if (f_salt1, f_salt2) != (salt1, salt2):
+        frame = file.read(frame_size)
+        _, _, f_salt1, f_salt2, f0, f1 = struct.unpack(">6I", frame[:24])
+        if (f_salt1, f_salt2) != salts:
             return None  # frames of an earlier generation: already checkpointed, rightly ignored
-        s0, s1 = _checksum(data[at : at + 8], big_endian, s0, s1)
-        s0, s1 = _checksum(data[at + 24 : at + frame_size], big_endian, s0, s1)
+        s0, s1 = _checksum(frame[:8], big_endian, s0, s1)
+        s0, s1 = _checksum(frame[24:], big_endian, s0, s1)
         if (s0, s1) != (f0, f1):
-            lost = sum(
-                _commits(data, 32 + later * frame_size, (salt1, salt2)) for later in range(index, frames)
+            lost = _commits(frame, salts) + sum(
+                _commits(file.read(frame_size), salts) for _ in range(index + 1, frames)
             )
             if lost:
                 return (
                     f"WAL damaged at frame {index + 1}: {lost} committed transactions after it not replayed"
                 )
             return None  # a transaction a crash cut short: nothing committed is lost
-    if (len(data) - 32) % frame_size:
+    if (size - 32) % frame_size:
         return (
-            f"WAL ends in a partial frame ({(len(data) - 32) % frame_size} bytes after frame {frames}): "
+            f"WAL ends in a partial frame ({(size - 32) % frame_size} bytes after frame {frames}): "
             "a write torn by power loss, or a file cut short"
         )
     return None
 
 
-def _commits(data: bytes, at: int, salts: tuple[int, int]) -> bool:
-    """Whether the frame at ``at`` ends a transaction of the WAL generation with these salts."""
-    _, commit_size, salt1, salt2 = struct.unpack_from(">4I", data, at)
+def _commits(frame: bytes, salts: tuple[int, int]) -> bool:
+    """Whether ``frame`` ends a transaction of the WAL generation with these salts."""
+    _, commit_size, salt1, salt2 = struct.unpack_from(">4I", frame)
     return commit_size != 0 and (salt1, salt2) == salts
 
 
