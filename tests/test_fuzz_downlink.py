@@ -49,10 +49,10 @@ from fleetgate.sync.crypto.session_set import (
     SessionSet,
     SessionSetRejected,
     check_fresh,
-    key_id,
     open_session_set,
     seal_session_set,
 )
+from fleetgate.sync.crypto.signed import key_id
 
 from conftest import wait_until
 

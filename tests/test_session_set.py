@@ -35,11 +35,10 @@ from fleetgate.sync.crypto.session_set import (
     SessionSet,
     SessionSetRejected,
     check_fresh,
-    key_id,
     open_session_set,
     seal_session_set,
-    verify_keys_from_b64,
 )
+from fleetgate.sync.crypto.signed import key_id, verify_keys_from_b64
 
 from mosquitto_fixture import Mosquitto, make_tls
 from mqtt_consumer import Consumer

@@ -47,7 +47,7 @@ from fleetgate.drivers.output import (
     StartEnable,
 )
 from fleetgate.sync.crypto.device_keys import DeviceSecretError, box_key, pin_key, read_secret_file
-from fleetgate.sync.crypto.session_set import verify_keys_from_b64
+from fleetgate.sync.crypto.signed import verify_keys_from_b64
 
 if TYPE_CHECKING:
     import asyncio

@@ -89,19 +89,29 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, NoReturn, get_args
 
-from nacl.exceptions import BadSignatureError, CryptoError
+from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 from nacl.signing import SigningKey, VerifyKey
 
-WIRE_VERSION = 1
-ALG = "ed25519"
+from fleetgate.sync.crypto.signed import (
+    SignedRejected,
+    b64,
+    is_int,
+    json_type,
+    load_json,
+    no_unknown,
+    open_signed,
+    quote,
+    require,
+    seal_signed,
+)
+
 SIGNING_PREFIX = b"fleetgate/sessions/v1\n"
-KEY_ID_BYTES = 8
 ACTIVE = "active"
 SEAL_OVERHEAD = 48  # crypto_box_seal: 32-byte ephemeral public key + 16-byte MAC
 MAX_INT = 2**63 - 1  # ids and versions fit SQLite's INTEGER
@@ -122,16 +132,14 @@ Reason = Literal[
 ]
 REASONS: frozenset[str] = frozenset(get_args(Reason))
 
-_ENVELOPE_KEYS = frozenset({"v", "alg", "key_id", "body", "sig"})
 _BODY_KEYS = frozenset({"device", "vin", "version", "issued_at", "sessions"})
 _SESSION_REQUIRED = frozenset({"id", "verification_id", "initialization", "completion"})
 _SESSION_KEYS = _SESSION_REQUIRED | {"expires", "pin_sealed"}
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z", re.ASCII)
 _PIN = re.compile(r"[0-9]{4,12}", re.ASCII)
-_KEY_ID = re.compile(r"[0-9a-f]{16}", re.ASCII)
 
 
-class SessionSetRejected(Exception):
+class SessionSetRejected(SignedRejected):
     """A session-set message refused. ``reason``: one of ``REASONS``; ``detail``: what was wrong, for logs.
 
     ``detail`` names the field and never holds a PIN, a key or a sealed value.
@@ -140,9 +148,8 @@ class SessionSetRejected(Exception):
     def __init__(self, reason: Reason, detail: str) -> None:
         if reason not in REASONS:
             raise ValueError(f"unknown rejection reason {reason!r}")
-        super().__init__(f"{reason}: {detail}")
+        super().__init__(reason, detail)
         self.reason: Reason = reason
-        self.detail = detail
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,25 +185,6 @@ class SessionSet:
 # -- device side ---------------------------------------------------------------------------------------------
 
 
-def key_id(verify_key: VerifyKey) -> str:
-    """The wire ``key_id`` of a public key: hex of its first 8 bytes."""
-    return bytes(verify_key)[:KEY_ID_BYTES].hex()
-
-
-def verify_keys_from_b64(values: Iterable[str]) -> list[VerifyKey]:
-    """Ed25519 public keys from their base64 form (``sessions.signing_keys`` in the configuration)."""
-    keys = []
-    for i, value in enumerate(values):
-        try:
-            raw = base64.b64decode(value, validate=True)
-        except (binascii.Error, ValueError):
-            raise ValueError(f"signing key [{i}] is not base64") from None
-        if len(raw) != 32:
-            raise ValueError(f"signing key [{i}] is {len(raw)} bytes; an Ed25519 public key is 32")
-        keys.append(VerifyKey(raw))
-    return keys
-
-
 def open_session_set(
     payload: bytes,
     *,
@@ -210,39 +198,13 @@ def open_session_set(
     Returns the set with every active session's PIN unsealed; raises ``SessionSetRejected`` otherwise.
     It does not judge freshness: pass the result to ``check_fresh``.
     """
-    envelope = _load_json(payload, "payload")
-    if not isinstance(envelope, dict):
-        _malformed("payload", f"must be a JSON object, not {_json_type(envelope)}")
-    version = _require(envelope, "v", "")
-    if not _is_int(version):
-        _malformed("v", f"must be an integer, not {_json_type(version)}")
-    if version != WIRE_VERSION:
-        raise SessionSetRejected("unsupported-version", f"v is {version}; this device reads {WIRE_VERSION}")
-    alg = _require(envelope, "alg", "")
-    if not isinstance(alg, str):
-        _malformed("alg", f"must be a string, not {_json_type(alg)}")
-    if alg != ALG:
-        raise SessionSetRejected("unsupported-version", f"alg is {_quote(alg)}; this device verifies {ALG}")
-    _no_unknown(envelope, _ENVELOPE_KEYS, "")
-    sig_b64 = envelope.get("sig")
-    if sig_b64 is None or sig_b64 == "":
-        raise SessionSetRejected("unsigned", "the message has no sig")
-    sig = _b64(sig_b64, "sig")
-    kid = _require(envelope, "key_id", "")
-    if not isinstance(kid, str) or not _KEY_ID.fullmatch(kid):
-        _malformed("key_id", "must be 16 lowercase hex digits (the first 8 bytes of the public key)")
-    body = _b64(_require(envelope, "body", ""), "body")
-    if len(sig) != 64:
-        raise SessionSetRejected("bad-signature", f"sig is {len(sig)} bytes; an Ed25519 signature is 64")
-    candidates = [k for k in verify_keys if key_id(k) == kid]
-    if not candidates:
-        raise SessionSetRejected(
-            "unknown-key", f"key_id {kid} matches none of the {len(verify_keys)} pinned signing key(s)"
-        )
-    if not any(_verifies(k, SIGNING_PREFIX + body, sig) for k in candidates):
-        raise SessionSetRejected("bad-signature", f"signature does not verify with pinned key {kid}")
-
-    fields = _parse_body(body, device=device, vin=vin, opener=SealedBox(box_key))
+    try:
+        body, kid = open_signed(payload, prefix=SIGNING_PREFIX, verify_keys=verify_keys)
+        fields = _parse_body(body, device=device, vin=vin, opener=SealedBox(box_key))
+    except SessionSetRejected:
+        raise
+    except SignedRejected as exc:
+        raise SessionSetRejected(exc.reason, exc.detail) from None  # type: ignore[arg-type]
     return SessionSet(*fields, digest=hashlib.sha256(body).digest(), key_id=kid)
 
 
@@ -354,16 +316,9 @@ def seal_session_set(
     body = json.dumps(body_obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
     try:  # the device's own parser, so the cloud never publishes what devices refuse
         _parse_body(body, device=None, vin=None, opener=None)
-    except SessionSetRejected as exc:
+    except SignedRejected as exc:
         raise ValueError(exc.detail) from None
-    envelope = {
-        "v": WIRE_VERSION,
-        "alg": ALG,
-        "key_id": key_id(signing_key.verify_key),
-        "body": base64.b64encode(body).decode("ascii"),
-        "sig": base64.b64encode(signing_key.sign(SIGNING_PREFIX + body).signature).decode("ascii"),
-    }
-    return json.dumps(envelope, separators=(",", ":")).encode("ascii")
+    return seal_signed(body, prefix=SIGNING_PREFIX, signing_key=signing_key)
 
 
 def format_timestamp(moment: datetime) -> str:
@@ -380,25 +335,25 @@ def _parse_body(
     body: bytes, *, device: str | None, vin: str | None, opener: SealedBox[PrivateKey] | None
 ) -> tuple[str, str, int, datetime, tuple[SessionGrant, ...]]:
     """Check the body's shape; with ``device``/``vin`` compare them; with ``opener`` unseal the PINs."""
-    obj = _load_json(body, "body")
+    obj = load_json(body, "body")
     if not isinstance(obj, dict):
-        _malformed("body", f"must be a JSON object, not {_json_type(obj)}")
+        _malformed("body", f"must be a JSON object, not {json_type(obj)}")
     set_device = _string(obj, "device", "")
     if device is not None and set_device != device:
         raise SessionSetRejected(
-            "wrong-device", f"the set is for device {_quote(set_device)}, this is {_quote(device)}"
+            "wrong-device", f"the set is for device {quote(set_device)}, this is {quote(device)}"
         )
     set_vin = _string(obj, "vin", "")
     if vin is not None and set_vin != vin:
         raise SessionSetRejected(
-            "wrong-vehicle", f"the set is for VIN {_quote(set_vin)}, this is {_quote(vin)}"
+            "wrong-vehicle", f"the set is for VIN {quote(set_vin)}, this is {quote(vin)}"
         )
     version = _integer(obj, "version", "", minimum=1)
     issued_at = _timestamp(obj, "issued_at", "")
-    _no_unknown(obj, _BODY_KEYS, "")
-    raw_sessions = _require(obj, "sessions", "")
+    no_unknown(obj, _BODY_KEYS, "")
+    raw_sessions = require(obj, "sessions", "")
     if not isinstance(raw_sessions, list):
-        _malformed("sessions", f"must be an array, not {_json_type(raw_sessions)}")
+        _malformed("sessions", f"must be an array, not {json_type(raw_sessions)}")
     grants = []
     seen: set[int] = set()
     for i, raw in enumerate(raw_sessions):
@@ -412,13 +367,13 @@ def _parse_body(
 
 def _parse_session(raw: Any, at: str, opener: SealedBox[PrivateKey] | None) -> SessionGrant:
     if not isinstance(raw, dict):
-        _malformed(at.rstrip("."), f"must be an object, not {_json_type(raw)}")
-    _no_unknown(raw, _SESSION_KEYS, at)
+        _malformed(at.rstrip("."), f"must be an object, not {json_type(raw)}")
+    no_unknown(raw, _SESSION_KEYS, at)
     session_id = _integer(raw, "id", at, minimum=0)
     verification_id = _string(raw, "verification_id", at, max_len=MAX_VERIFICATION_ID)
     initialization = _timestamp(raw, "initialization", at)
     completion: datetime | None = None
-    if _require(raw, "completion", at) != ACTIVE:
+    if require(raw, "completion", at) != ACTIVE:
         completion = _timestamp(raw, "completion", at, also=f'or "{ACTIVE}"')
         if completion < initialization:
             _malformed(f"{at}completion", "is before initialization")
@@ -435,7 +390,7 @@ def _parse_session(raw: Any, at: str, opener: SealedBox[PrivateKey] | None) -> S
 
 
 def _unseal(value: Any, where: str, opener: SealedBox[PrivateKey] | None) -> str | None:
-    sealed = _b64(value, where)
+    sealed = b64(value, where)
     if not SEAL_OVERHEAD + 4 <= len(sealed) <= SEAL_OVERHEAD + 12:
         _malformed(where, f"is {len(sealed)} bytes; a sealed PIN of 4-12 digits is 52-60")
     if opener is None:
@@ -451,80 +406,24 @@ def _unseal(value: Any, where: str, opener: SealedBox[PrivateKey] | None) -> str
     return plain.decode("ascii")
 
 
-def _verifies(key: VerifyKey, message: bytes, sig: bytes) -> bool:
-    try:
-        key.verify(message, sig)
-    except BadSignatureError:
-        return False
-    return True
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in pairs:
-        if k in out:
-            raise _DuplicateKey(k)
-        out[k] = v
-    return out
-
-
-def _no_constants(name: str) -> NoReturn:
-    raise ValueError(f"{name} is not allowed")
-
-
-def _load_json(data: bytes, what: str) -> Any:
-    try:
-        text = bytes(data).decode("utf-8")
-    except (UnicodeDecodeError, TypeError):
-        _malformed(what, "is not UTF-8")
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
-    except _DuplicateKey as exc:
-        _malformed(what, f"has the member {_quote(str(exc))} more than once")
-    except RecursionError:
-        _malformed(what, "is not JSON (nested too deep)")
-    except ValueError as exc:  # JSONDecodeError's message gives a position, never the document's text
-        _malformed(what, f"is not JSON ({exc})")
-
-
 def _malformed(where: str, problem: str) -> NoReturn:
     # "from None": the decoder's exception (which may hold the document) is not chained to ours.
     raise SessionSetRejected("malformed", f"{where}: {problem}" if where else problem) from None
 
 
-def _require(obj: dict[str, Any], name: str, at: str) -> Any:
-    if name not in obj:
-        _malformed(f"{at}{name}", "missing")
-    return obj[name]
-
-
-def _no_unknown(obj: dict[str, Any], known: frozenset[str], at: str) -> None:
-    unknown = sorted(set(obj) - known)
-    if unknown:
-        _malformed(f"{at}{unknown[0]}", "unknown member")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _integer(obj: dict[str, Any], name: str, at: str, *, minimum: int) -> int:
-    value = _require(obj, name, at)
-    if not _is_int(value):
-        _malformed(f"{at}{name}", f"must be an integer, not {_json_type(value)}")
+    value = require(obj, name, at)
+    if not is_int(value):
+        _malformed(f"{at}{name}", f"must be an integer, not {json_type(value)}")
     if not minimum <= value <= MAX_INT:
         _malformed(f"{at}{name}", f"must be between {minimum} and 2**63-1")
     return value
 
 
 def _string(obj: dict[str, Any], name: str, at: str, *, max_len: int = 256) -> str:
-    value = _require(obj, name, at)
+    value = require(obj, name, at)
     if not isinstance(value, str):
-        _malformed(f"{at}{name}", f"must be a string, not {_json_type(value)}")
+        _malformed(f"{at}{name}", f"must be a string, not {json_type(value)}")
     if not 1 <= len(value) <= max_len:
         _malformed(f"{at}{name}", f"must be 1-{max_len} characters long, not {len(value)}")
     if not value.isprintable():
@@ -535,7 +434,7 @@ def _string(obj: dict[str, Any], name: str, at: str, *, max_len: int = 256) -> s
 
 
 def _timestamp(obj: dict[str, Any], name: str, at: str, *, also: str = "") -> datetime:
-    value = _require(obj, name, at)
+    value = require(obj, name, at)
     expected = f"a UTC timestamp YYYY-MM-DDTHH:MM:SS[.ffffff]Z{' ' + also if also else ''}"
     if not isinstance(value, str) or not _TIMESTAMP.fullmatch(value):
         _malformed(f"{at}{name}", f"must be {expected}")
@@ -543,15 +442,6 @@ def _timestamp(obj: dict[str, Any], name: str, at: str, *, also: str = "") -> da
         return datetime.fromisoformat(value[:-1]).replace(tzinfo=UTC)
     except ValueError:
         _malformed(f"{at}{name}", "is not a valid date and time")
-
-
-def _b64(value: Any, where: str) -> bytes:
-    if not isinstance(value, str):
-        _malformed(where, f"must be a base64 string, not {_json_type(value)}")
-    try:
-        return base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError):
-        _malformed(where, "is not valid base64")
 
 
 def _wire_timestamp(value: Any, where: str) -> str:
@@ -565,18 +455,3 @@ def _wire_timestamp(value: Any, where: str) -> str:
         else:
             return format_timestamp(moment)
     raise ValueError(f"{where}: not a timestamp (a datetime or e.g. '2021-06-09 22:07:39.113810')")
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    return {dict: "an object", list: "an array", str: "a string", int: "an integer", float: "a number"}.get(
-        type(value), type(value).__name__
-    )
-
-
-def _quote(text: str, limit: int = 64) -> str:
-    """An untrusted string for a log line: quoted, escaped, shortened."""
-    return repr(text if len(text) <= limit else text[:limit] + "...")
