@@ -17,19 +17,35 @@ SEED = Path(__file__).resolve().parent.parent.parent / "shared" / "seeds" / "seg
 SECRET = "e2651be5-12d3-48f3-ba6c-bc2b04a447b6"  # the seed's example client_secret
 
 
-def seed_appendix_1() -> dict[int, str]:
+def seed_codes(start: str | None, end: str) -> dict[int, str]:
+    """The ``sn | code | error`` rows of the seed between the headings ``start`` (None: the top) and ``end``."""
     if not SEED.exists():
         pytest.skip(f"the seed is not beside the checkout ({SEED})")
     text = SEED.read_text()
-    table = text[text.index("# Appendix 1") : text.index("# Appendix 2")]
+    table = text[text.index(start) if start else 0 : text.index(end)]
     return {int(code): meaning for code, meaning in re.findall(r"^\d+ \| (\d+) \| (.+?) \|$", table, re.M)}
 
 
+def squash(text: str) -> str:
+    return re.sub(r"\s+", "", text)  # the seed is not consistent about spaces
+
+
 def test_every_code_of_appendix_1_is_known_with_its_meaning():
-    seed = seed_appendix_1()
+    seed = seed_codes("# Appendix 1", "# Appendix 2")
     assert len(seed) == 34
-    squash = lambda s: re.sub(r"\s+", "", s)  # noqa: E731 (the seed is not consistent about spaces)
-    assert {c: squash(m) for c, m in seed.items()} == {c: squash(s.meaning) for c, s in CODES.items()}
+    assert {c: squash(m) for c, m in seed.items()} == {
+        c: squash(CODES[c].meaning) for c in seed if c in CODES
+    }
+
+
+def test_the_codes_only_endpoint_tables_list_are_known_too_and_nothing_else_is():
+    appendix = seed_codes("# Appendix 1", "# Appendix 2")
+    endpoints = seed_codes(None, "# Push")
+    extra = {c: m for c, m in endpoints.items() if c not in appendix}
+    assert set(extra) == {15990, 15996, 15997, 15707}
+    assert set(CODES) == set(appendix) | set(extra)
+    assert {c: squash(m) for c, m in extra.items()} == {c: squash(CODES[c].meaning) for c in extra}
+    assert [c for c in sorted(extra) if CODES[c].retryable] == [15997]  # the vehicle may stop riding
 
 
 def test_a_retry_helps_where_the_device_or_the_network_failed_not_where_the_request_is_wrong():

@@ -4,6 +4,10 @@ Every API answer carries ``code`` (0 is success), ``msg``, ``t`` and ``opId``; t
 an operator can quote it to Segway. ``retryable`` means the *same* request may succeed later with nothing
 changed on our side: the device was offline or busy, the network between Segway and the vehicle failed, the
 vehicle was moving. A code this table does not know is an error that is not retryable, with its number kept.
+
+Besides Appendix 1, ``CODES`` holds the four codes only some endpoint tables list (15990, 15996, 15997, 15707).
+``SegwayUnavailable`` (no usable answer at all) and ``TokenRefused`` (wrong client credentials) complete the
+family; all derive from ``SegwayFailure``.
 """
 
 from __future__ import annotations
@@ -57,13 +61,25 @@ CODES: dict[int, StatusCode] = {
         StatusCode(15613, "handlebar unlock failed", False),
         StatusCode(15635, "open failed: please operate when mopeds is unlocking", False),
         StatusCode(15638, "device execute failure", False),
+        # Codes some endpoint tables list that Appendix 1 does not (unlock, lock, upload interval).
+        StatusCode(15990, "API call is restricted, please contact Segway related personnel", False),
+        StatusCode(15996, "device lock failed: denied by geofence strategy", False),
+        StatusCode(15997, "device lock failed: unable to lock while riding", True),
+        StatusCode(15707, "NOT supported by this vehicle or its firmware", False),
     )
 }
 # startRental did start the rental, but a part did not open: the rental is on, so this is no plain failure.
 PARTIAL_SUCCESS = frozenset({15623, 15624, 15625})
 
 
-class SegwayError(Exception):
+class SegwayFailure(Exception):
+    """Any failure of a call to Segway. ``retryable``: the same call may succeed later with nothing changed
+    on our side. Callers that only need that decision catch this one class."""
+
+    retryable: bool = False
+
+
+class SegwayError(SegwayFailure):
     """Segway answered with a non-zero ``code``. ``msg`` is what Segway said; ``op_id`` its operation id."""
 
     def __init__(self, code: int, msg: str, op_id: str | None) -> None:
@@ -83,3 +99,24 @@ class TokenRejected(SegwayError):
 
 def error_for(code: int, msg: str, op_id: str | None) -> SegwayError:
     return TokenRejected(code, msg, op_id) if code == 15101 else SegwayError(code, msg, op_id)
+
+
+class SegwayUnavailable(SegwayFailure):
+    """No usable answer: transport failure, timeout, HTTP 5xx / 429 / another unexpected status, or a body
+    that is not the documented envelope. ``kind`` names which; ``retry_after`` is a 429's Retry-After in
+    seconds when Segway gave one. The message names what was wrong, never a body, token or secret."""
+
+    def __init__(
+        self, kind: str, message: str, *, retryable: bool = True, retry_after: float | None = None
+    ) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.retryable = retryable
+        self.retry_after = retry_after
+
+
+class TokenRefused(SegwayFailure):
+    """The token endpoint refused our client credentials (``invalid_client`` ...): wrong client id or
+    secret, which no retry fixes."""
+
+    retryable = False
