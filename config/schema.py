@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, Field, field_validator, model_va
 from pydantic.fields import FieldInfo
 
 from fleetgate.config.access import KeypadConfig, SessionsConfig, StartEnableConfig
+from fleetgate.config.segway import SegwayConfig
 from fleetgate.config.signals import CATALOGUE
 from fleetgate.config.types import Baudrate, Float, Int, ResolvedPath, SecretFile, Section, resolve_device
 
@@ -364,6 +365,7 @@ class Config(Section):
     sessions: SessionsConfig = SessionsConfig()
     keypad: KeypadConfig = KeypadConfig()
     start_enable: StartEnableConfig = StartEnableConfig()
+    segway: SegwayConfig = SegwayConfig()
 
     @model_validator(mode="after")
     def _pin_access_complete(self) -> Config:
@@ -371,6 +373,16 @@ class Config(Section):
             raise ValueError("sessions.enabled needs device.secret_file (the key of the PIN hashes at rest)")
         if self.sessions.signing_keys and self.sessions.enabled and not self.mqtt.enabled:
             raise ValueError("sessions.signing_keys is for the MQTT downlink, but mqtt.enabled is false")
+        if self.segway.enabled and self.device.role != "depot":
+            raise ValueError('segway.enabled is for a depot gateway: set device.role = "depot"')
+        if self.segway.enabled and self.device.secret_file is None:
+            raise ValueError(
+                "segway.enabled needs device.secret_file (the key of the Bluetooth keys at rest)"
+            )
+        if self.segway.commands.signing_keys and self.segway.enabled and not self.mqtt.enabled:
+            raise ValueError(
+                "segway.commands.signing_keys is for the MQTT downlink, but mqtt.enabled is false"
+            )
         return self
 
 

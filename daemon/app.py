@@ -19,6 +19,7 @@ from fleetgate.daemon.runtime.control import ControlSocketError
 from fleetgate.daemon.runtime.core import Core
 from fleetgate.daemon.runtime.feature import Build, FeatureError
 from fleetgate.daemon.runtime.notify import Notifier
+from fleetgate.daemon.scooters import feature as scooters
 from fleetgate.daemon.telemetry import feature as telemetry
 from fleetgate.daemon.uplink import feature as uplink
 from fleetgate.sync.store import Database, StoreError
@@ -31,7 +32,7 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 78  # EX_CONFIG, as the CLI's: systemd does not restart on it (RestartPreventExitStatus=78)
 
 # Built in this order; each decides from the configuration what of it runs (a disabled one may still answer).
-FEATURES: tuple[Build, ...] = (telemetry.build, access.build, uplink.build)
+FEATURES: tuple[Build, ...] = (telemetry.build, access.build, scooters.build, uplink.build)
 
 
 async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:

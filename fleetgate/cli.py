@@ -71,6 +71,24 @@ def _parser() -> argparse.ArgumentParser:
         "without echo, or reads one line from standard input; a wrong PIN counts towards the lockout)",
     )
 
+    sco = sub.add_parser(
+        "scooters", help="depot: each scooter's status, battery, location age, key cached, last command"
+    )
+    sco.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    one = sub.add_parser(
+        "scooter",
+        help="depot: run a Segway query, control or setting for one scooter through the daemon (audited)",
+        description="Operations: "
+        + ", ".join(_operation_names())
+        + ". Parameters use the Segway API's names, "
+        'e.g. "fleetgate scooter 861477038719116 speed-mode speedMode=2"; a value is JSON if it parses as JSON '
+        "(numbers, true/false, objects), else a string.",
+    )
+    one.add_argument("iot_code", help="the scooter's iotCode (IMEI)")
+    one.add_argument("op", help="operation, e.g. unlock, lock, status, speed-mode")
+    one.add_argument("params", nargs="*", metavar="NAME=VALUE", help="the operation's parameters")
+    one.add_argument("--json", action="store_true", help="print the raw JSON reply")
+
     sub.add_parser("signals", help="the signal catalogue: names, units, sources, REEF/Vinli names (Markdown)")
 
     cfg = sub.add_parser("config", help="check a configuration file or show the schema")
@@ -123,11 +141,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         loop.close()
 
 
-def _ask(args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None) -> Any:
+def _ask(
+    args: argparse.Namespace, cmd: str, cmd_args: dict[str, Any] | None = None, timeout_s: float = 10.0
+) -> Any:
     socket_path = args.socket
     if socket_path is None:
         socket_path = _load(args).control.socket_path
-    return request(socket_path, cmd, cmd_args)
+    return request(socket_path, cmd, cmd_args, timeout_s)
 
 
 def _view(cmd: str, human: Callable[[dict[str, Any]], str]) -> Callable[[argparse.Namespace], int]:
@@ -178,6 +198,41 @@ def _pin(args: argparse.Namespace) -> int:
     return 0 if result.get("outcome") == "accepted" else EXIT_FAILURE
 
 
+def _operation_names() -> list[str]:
+    from fleetgate.sync.segway.operations import OPERATIONS
+
+    return sorted(OPERATIONS)
+
+
+def _scooter(args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    for item in args.params:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            print(f"fleetgate: parameter {item!r} is not NAME=VALUE", file=sys.stderr)
+            return EXIT_USAGE
+        try:
+            params[name] = json.loads(text)
+        except ValueError:
+            params[name] = text
+    if args.op not in _operation_names():
+        print(
+            f"fleetgate: {args.op!r} is not an operation; one of: {', '.join(_operation_names())}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        # Segway may take a while (the device answers through the cloud) and retryable codes are tried again.
+        result = _ask(args, "scooter", {"iot_code": args.iot_code, "op": args.op, "params": params}, 180.0)
+    except ControlError as exc:
+        if exc.code == "unknown-command":
+            print("fleetgate: the depot is disabled ([segway] enabled = false)", file=sys.stderr)
+            return EXIT_FAILURE
+        raise
+    print(json.dumps(result, indent=2) if args.json else render.scooter_result(result))
+    return 0 if result.get("outcome") in ("done", "partial") else EXIT_FAILURE
+
+
 def _cmd_signals(args: argparse.Namespace) -> int:
     from fleetgate.config.signals import signals_markdown
 
@@ -209,6 +264,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "sync": lambda args: _sync(args),
     "sessions": _view("sessions", render.sessions),
     "pin": _pin,
+    "scooters": _view("scooters", render.scooters),
+    "scooter": _scooter,
     "signals": _cmd_signals,
     "config": _cmd_config,
 }

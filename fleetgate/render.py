@@ -263,3 +263,56 @@ def pin_test(r: dict[str, Any]) -> str:
         return f"locked out: try again in {duration(r.get('retry_after_s'))}"
     extra = f", lockout started: {duration(r['lockout_started_s'])}" if r.get("lockout_started_s") else ""
     return f"refused: {r.get('reason')}{extra}"
+
+
+def scooters(s: dict[str, Any]) -> str:
+    if not s.get("enabled", True):
+        return "depot: disabled ([segway] enabled = false)"
+    if not s["scooters"]:
+        return "depot: no scooters yet (configure [[segway.scooters]] or wait for their pushes)"
+
+    def last(x: dict[str, Any]) -> str:
+        cmd = x.get("last_command")
+        if not cmd:
+            return "-"
+        code = f" {cmd['code']}" if cmd.get("code") else ""
+        return f"{cmd['op']}: {cmd['outcome']}{code}"
+
+    def flag(value: bool | None, yes: str, no: str) -> str:
+        return "?" if value is None else yes if value else no
+
+    rows = [
+        [
+            x["iot_code"] + (" (learnt)" if x.get("learnt") else ""),
+            flag(x["online"], "online", "offline"),
+            flag(x["locked"], "locked", "unlocked"),
+            "-" if x["battery_percent"] is None else f"{x['battery_percent']}%",
+            duration(x["status_age_s"]),
+            duration(x["location_age_s"]),
+            duration(x["key_age_s"]) if x["key_cached"] else "no",
+            last(x),
+            f"{x['failures']} ({x['last_error'][:40]})" if x["failures"] else "0",
+        ]
+        for x in s["scooters"]
+    ]
+    headers = ["IOT CODE", "ONLINE", "LOCK", "BATTERY", "STATUS AGE", "LOCATION AGE", "KEY", "LAST COMMAND"]
+    return table([*headers, "FAILURES"], rows)
+
+
+def scooter_result(r: dict[str, Any]) -> str:
+    outcome = r.get("outcome", "?")
+    if outcome == "refused":
+        return f"refused: {r.get('reason')}"
+    parts = [f"{r.get('op')} on {r.get('iot_code')}: {outcome}"]
+    if r.get("code") is not None:
+        parts.append(f"code {r['code']} ({r.get('msg')})")
+    if r.get("op_id"):
+        parts.append(f"opId {r['op_id']}")
+    if r.get("attempts", 1) > 1:
+        parts.append(f"after {r['attempts']} attempts")
+    if outcome == "failed":
+        parts.append("a retry may help" if r.get("retryable") else "a retry will not help")
+    text = ", ".join(parts)
+    if r.get("data"):
+        text += "\n" + "\n".join(f"  {k}: {_value(v)}" for k, v in r["data"].items())
+    return text

@@ -27,7 +27,7 @@ async def composed(config: Config) -> tuple[Core, dict[str, Any]]:
 
 def test_the_embedded_defaults_compose_the_runtime_and_every_feature(tmp_path):
     core, snap = asyncio.run(composed(Config(store=StoreConfig(state_dir=tmp_path))))
-    assert core.control.commands == ["gps", "obd", "ping", "queue", "sessions", "status"]
+    assert core.control.commands == ["gps", "obd", "ping", "queue", "scooters", "sessions", "status"]
     assert [s["name"] for s in snap["components"]] == [
         "control",
         "readings",
@@ -52,6 +52,39 @@ def test_with_mqtt_the_uplink_adds_its_components_verb_and_status_sections(tmp_p
     assert snap["uplink"]["enabled"] is True and snap["uplink"]["online"] is False
     assert snap["uplink"]["eta_s"] == 0.0  # nothing waiting
     assert snap["outbox"]["packer"] == {"segments": 0, "records": 0, "bytes_saved": 0}
+
+
+def test_a_depot_adds_the_segway_parts_and_takes_commands_only_with_signing_keys(tmp_path):
+    import base64
+
+    from nacl.signing import SigningKey
+
+    from fleetgate.config.schema import DeviceConfig
+    from fleetgate.config.segway import SegwayCommandsConfig, SegwayConfig
+    from fleetgate.sync.crypto.device_keys import generate_secret_file
+
+    generate_secret_file(tmp_path / "device.secret")
+    (tmp_path / "segway.secret").write_text("s3cret\n")
+    (tmp_path / "segway.secret").chmod(0o600)
+    key = base64.b64encode(bytes(SigningKey.generate().verify_key)).decode()
+    for keys, downlink in (([], set()), ([key], {"scooter-commands"})):
+        config = Config(
+            device=DeviceConfig(role="depot", secret_file=tmp_path / "device.secret"),
+            store=StoreConfig(state_dir=tmp_path),
+            mqtt=MqttConfig(enabled=True, host="127.0.0.1", tls=False),
+            segway=SegwayConfig(
+                enabled=True,
+                platform_code="E10001",
+                client_secret_file=tmp_path / "segway.secret",
+                commands=SegwayCommandsConfig(signing_keys=keys),
+            ),
+        )
+        core, snap = asyncio.run(composed(config))
+        assert {"scooters", "scooter"} <= set(core.control.commands)
+        names = [s["name"] for s in snap["components"]]
+        assert {"scooter-poller", "scooter-commands"} <= set(names) and "segway-push" not in names
+        assert set(core.downlink) == downlink
+        assert snap["segway"]["scooters"] == 0 and snap["segway"]["push"] == {"enabled": False}
 
 
 def test_a_part_registered_twice_is_refused_and_a_status_view_sees_the_snapshot(tmp_path):

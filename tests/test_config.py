@@ -340,3 +340,53 @@ def test_a_live_share_too_small_for_a_live_message_every_n_is_refused(tmp_path):
     for fine in ("0", "0.001", "1"):
         write_config(path, f"[mqtt]\nlive_share = {fine}\n")
         assert load_config(path).mqtt.live_share == float(fine)
+
+
+def _secret(tmp_path: Path, name: str = "segway.secret") -> Path:
+    path = tmp_path / name
+    path.write_text("e2651be5-12d3-48f3-ba6c-bc2b04a447b6\n")
+    path.chmod(0o600)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "words"),
+    [
+        ('[segway]\nenabled = true\nclient_secret_file = "{secret}"\n', "", "device.role"),
+        (
+            '[device]\nrole = "depot"\n[segway]\nenabled = true\nclient_secret_file = "{secret}"\n',
+            "",
+            "device.secret_file",
+        ),
+        (
+            '[device]\nrole = "depot"\nsecret_file = "{secret}"\n[segway]\nenabled = true\n',
+            "segway",
+            "client_secret_file",
+        ),
+        ('[segway]\nplatform_code = "X20081"\n', "segway.platform_code", "pattern"),
+        ('[segway]\napi_base = "http://127.0.0.1:1"\n', "segway", "https"),
+        (
+            '[[segway.scooters]]\niot_code = "861477038719116"\n[[segway.scooters]]\niot_code = "861477038719116"\n',
+            "segway",
+            "more than once",
+        ),
+        ('[[segway.scooters]]\niot_code = "86 14"\n', "segway.scooters[0].iot_code", "pattern"),
+        ("[segway.push]\nenabled = true\n", "segway.push", "key_file"),
+    ],
+)
+def test_the_depot_section_refuses_what_cannot_run(tmp_path, body, key, words):
+    path = write_config(tmp_path / "f.toml", body.format(secret=_secret(tmp_path)))
+    found = problems(path)
+    assert any(k == key and words in m for k, m in found), found
+
+
+def test_a_complete_depot_section_loads(tmp_path):
+    secret = _secret(tmp_path)
+    path = write_config(
+        tmp_path / "f.toml",
+        f'[device]\nrole = "depot"\nsecret_file = "{secret}"\n'
+        f'[segway]\nenabled = true\nplatform_code = "E12345"\nclient_secret_file = "{secret}"\n'
+        '[[segway.scooters]]\niot_code = "861477038719116"\nmodel = "E-moped C80"\n',
+    )
+    config = load_config(path)
+    assert config.segway.enabled and config.segway.scooters[0].iot_code == "861477038719116"

@@ -47,6 +47,9 @@ STREAM_SCHEMA = {
     "heartbeat": "heartbeat",
     "audit": "audit",
     "sessions-ack": "sessions-ack",
+    "scooters": "scooter-reading",
+    "scooter-events": "scooter-event",
+    "scooter-results": "scooter-result",
 }
 ZLIB = ("content-encoding", "zlib")
 

@@ -1,16 +1,17 @@
 """Keys derived from the device secret, and the keyed PIN hash kept at rest.
 
 The device secret is at least 32 random bytes in a file only the daemon's user may read
-(``device.secret_file``; ``generate_secret_file`` makes one). Two independent keys come from it with
-HKDF-SHA256 (RFC 5869, built on ``hmac``), one ``info`` label per purpose, so neither key says anything
-about the other or about the secret:
+(``device.secret_file``; ``generate_secret_file`` makes one). Independent keys come from it with
+HKDF-SHA256 (RFC 5869, built on ``hmac``), one ``info`` label per purpose, so no key says anything
+about another or about the secret:
 
-==========================  ====================================  ==========================================
-key                         HKDF ``info``                         use
-==========================  ====================================  ==========================================
-``pin_key(secret)``         ``fleetgate/v1/pin-hash-key``         32-byte key of the PIN hashes at rest
-``box_key(secret)``         ``fleetgate/v1/x25519-box-key``       X25519 private key that opens sealed PINs
-==========================  ====================================  ==========================================
+==========================  ======================================  ==========================================
+key                         HKDF ``info``                           use
+==========================  ======================================  ==========================================
+``pin_key(secret)``         ``fleetgate/v1/pin-hash-key``           32-byte key of the PIN hashes at rest
+``box_key(secret)``         ``fleetgate/v1/x25519-box-key``         X25519 private key that opens sealed PINs
+``at_rest_box(secret)``     ``fleetgate/v1/at-rest-secretbox-key``  SecretBox sealing Bluetooth keys at rest
+==========================  ======================================  ==========================================
 
 (HKDF rather than keyed BLAKE2b: BLAKE2b takes a key of at most 64 bytes, HKDF a secret of any length.)
 ``device_public_key_b64(secret)`` is the X25519 public key, base64, that the cloud seals PINs to
@@ -32,6 +33,7 @@ import stat
 from pathlib import Path
 
 from nacl.public import PrivateKey
+from nacl.secret import SecretBox
 
 MIN_SECRET_BYTES = 32
 SECRET_FILE_BYTES = 32
@@ -40,6 +42,7 @@ PIN_KEY_BYTES = 32
 _HKDF_SALT = b"fleetgate device secret v1"
 _INFO_PIN_KEY = b"fleetgate/v1/pin-hash-key"
 _INFO_BOX_KEY = b"fleetgate/v1/x25519-box-key"
+_INFO_AT_REST_KEY = b"fleetgate/v1/at-rest-secretbox-key"
 _PIN_HASH_LABEL = b"fleetgate/v1/pin-hash\x00"
 
 
@@ -73,6 +76,13 @@ def box_key(secret: bytes) -> PrivateKey:
     """The device's X25519 private key (opens PINs the cloud sealed to it), derived from the device secret."""
     _check_secret(secret)
     return PrivateKey(_hkdf_sha256(secret, _INFO_BOX_KEY))
+
+
+def at_rest_box(secret: bytes) -> SecretBox:
+    """The XSalsa20-Poly1305 box that seals secrets this device must read back (Segway Bluetooth keys) in its
+    state table: a copy of the database without the device secret does not give them away."""
+    _check_secret(secret)
+    return SecretBox(_hkdf_sha256(secret, _INFO_AT_REST_KEY))
 
 
 def device_public_key_b64(secret: bytes) -> str:
