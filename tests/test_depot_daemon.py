@@ -9,6 +9,8 @@ import hashlib
 import json
 import sqlite3
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,6 +40,7 @@ MOPED = "861477038719116"
 SCOOTER = "862869030338078"
 STRANGER = "869000000000001"  # not configured: learnt from its pushes
 KEY = "abcd1234"
+CLOUD = Path(__file__).resolve().parents[1] / "tools" / "sim" / "cloud.py"
 
 
 @pytest.fixture(scope="module")
@@ -260,9 +263,12 @@ def test_the_depot_polls_its_yard_keeps_keys_sealed_and_publishes_readings(depot
     depot.daemon.terminate()
     state = depot.config.parent / "state"
     stored = b"".join(p.read_bytes() for p in state.iterdir() if p.is_file())
-    assert KEY.encode() not in stored
-    assert KEY not in depot.daemon.log
-    assert all(KEY.encode() not in payload for _t, payload, *_ in depot.consumer.messages)
+    tokens = depot.segway.tokens_issued
+    assert tokens, "the daemon fetched a token"
+    for secret in (KEY, SEED_CLIENT_SECRET, *tokens):
+        assert secret.encode() not in stored
+        assert secret not in depot.daemon.log
+        assert all(secret.encode() not in payload for _t, payload, *_ in depot.consumer.messages)
     with sqlite3.connect(state / "fleetgate.db") as db:
         (saved,) = db.execute("SELECT value FROM state WHERE key = 'scooters.keys'").fetchone()
     assert MOPED in json.loads(saved) and KEY not in saved
@@ -424,3 +430,33 @@ def test_an_expired_command_is_not_run(depot):
     )
     trusted = depot.ask("status")["time"]["trusted"]
     assert outcome[0]["outcome"] == ("expired" if trusted else "done")
+
+
+def test_the_cloud_tool_signs_and_publishes_a_command_the_depot_runs(depot, tmp_path):
+    key_file = tmp_path / "signing.key"
+    key_file.write_text(base64.b64encode(bytes(depot.signer)).decode() + "\n")
+    key_file.chmod(0o600)
+    tool = [sys.executable, str(CLOUD), "command", "--signing-key", str(key_file), "--device", DEVICE,
+            "--seq", "7", "--iot-code", MOPED, "--op", "speed-mode", "--param", "speedMode=2", "--id", "from-tool",
+            "--host", "127.0.0.1", "--port", str(depot.broker.port)]  # fmt: skip
+
+    def run_tool() -> Any:
+        done = subprocess.run(tool, capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode == 0, done.stderr
+        return results(depot, "from-tool")
+
+    for _ in range(20):  # the first copy may come before the daemon subscribed; later ones are older-seq
+        try:
+            wait_until("the tool's command accepted", run_tool, timeout=3)
+            break
+        except AssertionError:
+            continue
+    done = wait_until("done", lambda: [r for r in results(depot, "from-tool") if r["outcome"] == "done"])
+    assert done[0]["seq"] == 7 and done[0]["params"] == {"speedMode": 2}
+    assert depot.segway.scooter(MOPED)["status"]["speedMode"] == 2
+    printed = subprocess.run(
+        [*tool[:-4], "--seq", "8"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (
+        printed.returncode == 0 and json.loads(printed.stdout)["alg"] == "ed25519"
+    )  # without --host: printed

@@ -16,6 +16,13 @@ sign     prints the signed session-set message (docs/mqtt.md). --sessions is a J
          or a REEF answer {"managed_sessions": [...]} for this VIN (id, vin, pin, initialization, completion,
          verification_id; optional expires). --version must rise with every set; --issued-at defaults to now.
 publish  signs, then publishes retained at QoS 1 to {root}/{device}/down/sessions and waits for the PUBACK.
+command  a signed scooter command for a depot gateway (docs/mqtt.md, "Downlink: scooter commands"): --seq must
+         rise with every command to the device; --param NAME=VALUE (JSON if it parses, else a string) for the
+         operation's parameters; prints the message, or with --host publishes it (QoS 1, not retained) to
+         {root}/{device}/down/scooter-commands.
+
+    python tools/sim/cloud.py command --signing-key F --device ID --seq N --iot-code IOT --op unlock \
+                                   [--param speedMode=2] [--id ID] [--expires-in S] [--host H ...]
 
 Exit status 0, or 1 with a message naming what was wrong (2 for a bad command line).
 """
@@ -31,7 +38,7 @@ import os
 import ssl
 import stat
 import sys
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +50,7 @@ from fleetgate.sync.crypto.device_keys import (
     generate_secret_file,
     read_secret_file,
 )
+from fleetgate.sync.crypto.scooter_command import seal_command
 from fleetgate.sync.crypto.session_set import seal_session_set
 from fleetgate.sync.mqtt.topics import Topics
 
@@ -116,15 +124,44 @@ def sign(args: argparse.Namespace) -> bytes:
         raise _fail(str(exc)) from None
 
 
-async def publish(args: argparse.Namespace, payload: bytes) -> str:
-    import aiomqtt  # only this command needs it
+def command(args: argparse.Namespace) -> bytes:
+    params: dict[str, Any] = {}
+    for item in args.param:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise _fail(f"--param {item!r} is not NAME=VALUE")
+        try:
+            params[name] = json.loads(text)
+        except ValueError:
+            params[name] = text
+    now = datetime.now(UTC)
+    try:
+        return seal_command(
+            device=args.device,
+            seq=args.seq,
+            command_id=args.id or f"{args.op}-{args.seq}",
+            iot_code=args.iot_code,
+            op=args.op,
+            params=params,
+            issued_at=now,
+            expires=now + timedelta(seconds=args.expires_in) if args.expires_in else None,
+            signing_key=load_signing_key(args.signing_key),
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+
+async def publish(
+    args: argparse.Namespace, payload: bytes, name: str = "sessions", retain: bool = True
+) -> str:
+    import aiomqtt  # only the publishing commands need it
 
     tls = None
     if args.tls_ca:
         tls = ssl.create_default_context(cafile=args.tls_ca)
         if args.cert:
             tls.load_cert_chain(args.cert, args.key)
-    topic = Topics(args.root, args.device).downlink("sessions")
+    topic = Topics(args.root, args.device).downlink(name)
     async with aiomqtt.Client(
         args.host,
         args.port,
@@ -133,8 +170,18 @@ async def publish(args: argparse.Namespace, payload: bytes) -> str:
         tls_context=tls,
         timeout=args.timeout,
     ) as client:
-        await client.publish(topic, payload, qos=1, retain=True, timeout=args.timeout)
+        await client.publish(topic, payload, qos=1, retain=retain, timeout=args.timeout)
     return topic
+
+
+def _broker_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    p.add_argument("--host", required=required, help="broker host" + ("" if required else ": publish"))
+    p.add_argument("--port", type=int, default=8883)
+    p.add_argument("--tls-ca", help="CA file: connect with TLS (without it: plain MQTT)")
+    p.add_argument("--cert", help="client certificate (PEM), with --tls-ca")
+    p.add_argument("--key", help="client certificate's key (PEM)")
+    p.add_argument("--root", default="fleetgate/v1", help="topic root")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds for connect and PUBACK")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,13 +201,17 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--version", type=int, required=True)
         p.add_argument("--sessions", type=Path, required=True)
         p.add_argument("--issued-at", help="ISO 8601, UTC if no offset (default: now)")
-    p.add_argument("--host", required=True)
-    p.add_argument("--port", type=int, default=8883)
-    p.add_argument("--tls-ca", help="CA file: connect with TLS (without it: plain MQTT)")
-    p.add_argument("--cert", help="client certificate (PEM), with --tls-ca")
-    p.add_argument("--key", help="client certificate's key (PEM)")
-    p.add_argument("--root", default="fleetgate/v1", help="topic root")
-    p.add_argument("--timeout", type=float, default=10.0, help="seconds for connect and PUBACK")
+    _broker_options(p, required=True)
+    p = sub.add_parser("command", help="sign (and with --host publish) a scooter command for a depot")
+    p.add_argument("--signing-key", type=Path, required=True)
+    p.add_argument("--device", required=True)
+    p.add_argument("--seq", type=int, required=True, help="above every earlier command's to this device")
+    p.add_argument("--iot-code", required=True)
+    p.add_argument("--op", required=True, help="a Segway operation: unlock, lock, speed-mode ...")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument("--id", help="the command's id (default: OP-SEQ)")
+    p.add_argument("--expires-in", type=float, help="seconds until the command expires (default: never)")
+    _broker_options(p, required=False)
     args = parser.parse_args(argv)
 
     if args.command == "keygen":
@@ -174,6 +225,15 @@ def main(argv: list[str] | None = None) -> int:
             raise _fail(str(exc)) from None
     elif args.command == "sign":
         sys.stdout.write(sign(args).decode("ascii") + "\n")
+    elif args.command == "command" and not args.host:
+        sys.stdout.write(command(args).decode("ascii") + "\n")
+    elif args.command == "command":
+        payload = command(args)
+        try:
+            topic = asyncio.run(publish(args, payload, "scooter-commands", retain=False))
+        except Exception as exc:  # aiomqtt.MqttError, ssl and OS errors: one line, no traceback
+            raise _fail(f"publish to {args.host}:{args.port} failed: {exc}") from None
+        print(f"published {len(payload)} bytes, QoS 1, to {topic}", file=sys.stderr)
     else:
         if args.cert and not args.tls_ca:
             parser.error("--cert needs --tls-ca")
