@@ -79,6 +79,8 @@ def status(s: dict[str, Any]) -> str:
             out.append(f"  last error: {up['last_error']}")
     else:
         out.append("uplink: disabled ([mqtt] enabled = false)")
+    if s.get("segway"):
+        out += _segway(s["segway"])
     for alert in s.get("alerts", []):
         out.append(f"ALERT: {alert}")
     ctl = s.get("control")
@@ -93,6 +95,31 @@ def status(s: dict[str, Any]) -> str:
         rec = store["recovered"]
         out.append(f"  WARNING: database was corrupt ({rec['reason']}); old file kept at {rec['moved_to']}")
     return "\n".join(out)
+
+
+def _segway(g: dict[str, Any]) -> list[str]:
+    """The depot's lines of ``fleetgate status``: the yard, the API, pushes and commands in one glance."""
+    api = g["api"]
+    push = g["push"]
+    cmds = g["commands"]
+    refused = sum(v for k, v in push.get("counters", {}).items() if k.startswith("refused"))
+    lines = [
+        f"depot: {g['scooters']} scooters, {g['online']} online, {g['failing']} failing, "
+        f"{g['keys_cached']} Bluetooth keys cached",
+        f"  segway api: {api.get('requests', 0)} requests, {api.get('ok', 0)} ok, "
+        f"{api.get('segway_error', 0)} Segway errors, {api.get('unavailable', 0)} unavailable, "
+        f"{api.get('token_refused', 0)} token refusals",
+        "  pushes: "
+        + (
+            f"listening on {push['bind']}:{push['port']}, {push['counters'].get('accepted', 0)} accepted, "
+            f"{push['counters'].get('duplicates', 0)} duplicates, {refused} refused"
+            if push.get("listening")
+            else ("not listening" if push.get("enabled", True) else "disabled")
+        ),
+        f"  commands: {cmds['accepted']} from the downlink, rejected {cmds['rejected'] or 'none'}, "
+        f"outcomes {cmds['outcomes'] or 'none'}",
+    ]
+    return lines
 
 
 def _value(v: object) -> str:

@@ -259,6 +259,10 @@ def test_the_depot_polls_its_yard_keeps_keys_sealed_and_publishes_readings(depot
     assert view[MOPED]["battery_percent"] == 80  # battery-info's vehiclePercent, over status's powerPercent
     assert view[MOPED]["locked"] is True
     assert view[MOPED]["location"]["latitude"] == pytest.approx(22.634228)
+    human = depot.daemon.cli("scooters").stdout
+    assert MOPED in human and "online" in human and "80%" in human and KEY not in human
+    status = depot.daemon.cli("status").stdout
+    assert "depot: 2 scooters" in status and "pushes: listening on 127.0.0.1" in status
     # The key is a secret: not in the log, the broker's traffic, the CLI, or the database in clear.
     depot.daemon.terminate()
     state = depot.config.parent / "state"
