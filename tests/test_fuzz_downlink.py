@@ -34,6 +34,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import paho.mqtt.client as paho
+import pytest
 import test_access_daemon
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -43,6 +44,13 @@ from paho.mqtt.enums import CallbackAPIVersion
 from test_access_daemon import DEVICE as DAEMON_DEVICE
 from test_access_daemon import PIN, session, sessions, synced_version, type_pin
 
+from fleetgate.sync.crypto.scooter_command import SIGNING_PREFIX as COMMAND_PREFIX
+from fleetgate.sync.crypto.scooter_command import (
+    ScooterCommand,
+    check_seq,
+    open_command,
+    seal_command,
+)
 from fleetgate.sync.crypto.session_set import (
     REASONS,
     SIGNING_PREFIX,
@@ -52,7 +60,7 @@ from fleetgate.sync.crypto.session_set import (
     open_session_set,
     seal_session_set,
 )
-from fleetgate.sync.crypto.signed import key_id
+from fleetgate.sync.crypto.signed import SignedRejected, key_id
 
 from conftest import wait_until
 
@@ -335,3 +343,140 @@ def test_a_running_daemon_counts_every_hostile_downlink_message_and_keeps_its_se
     assert after["sessions"] == before["sessions"] and after["sync"]["mqtt_version"] == 1
     assert type_pin(rig.keypad, PIN) == b"G\n"
     assert "Traceback" not in rig.daemon.log
+
+
+# -- scooter commands: the same envelope, another prefix and body --------------------------------------------
+
+COMMAND_DEVICE = "depot-fuzz"
+COMMAND_REASONS = frozenset(
+    {"malformed", "unsupported-version", "unsigned", "unknown-key", "bad-signature", "wrong-device"}
+)
+VALID_COMMAND = seal_command(
+    device=COMMAND_DEVICE,
+    seq=42,
+    command_id="cmd-7f3a",
+    iot_code="861477038719116",
+    op="speed-mode",
+    params={"speedMode": 2},
+    issued_at=datetime(2026, 12, 4, 10, 0, tzinfo=UTC),
+    expires=datetime(2026, 12, 4, 10, 5, tzinfo=UTC),
+    signing_key=SIGNER,
+)
+VALID_COMMAND_BODY: dict[str, Any] = json.loads(base64.b64decode(json.loads(VALID_COMMAND)["body"]))
+COMMAND_MEMBERS = sorted(VALID_COMMAND_BODY)
+
+
+def signed_command(body: bytes) -> bytes:
+    """A command envelope around ``body`` that verifies with the pinned key: the body parser is reached."""
+    return json.dumps(
+        {
+            "v": 1,
+            "alg": "ed25519",
+            "key_id": key_id(SIGNER.verify_key),
+            "body": base64.b64encode(body).decode(),
+            "sig": base64.b64encode(SIGNER.sign(COMMAND_PREFIX + body).signature).decode(),
+        }
+    ).encode()
+
+
+def check_command(payload: bytes) -> ScooterCommand | None:
+    """Open the payload as the depot does: a command or a documented refusal, never another exception."""
+    try:
+        command = open_command(payload, verify_keys=[SIGNER.verify_key], device=COMMAND_DEVICE)
+    except SignedRejected as exc:
+        assert exc.reason in COMMAND_REASONS, exc.reason
+        return None
+    assert isinstance(command, ScooterCommand)
+    assert command.device == COMMAND_DEVICE and 1 <= command.seq <= 2**63 - 1
+    assert isinstance(command.params, dict)
+    # The acceptance record (CommandDownlink._accept) can hold its strings and its issued_at.
+    accepted = [command.id, command.iot_code, command.op, command.issued_at.astimezone(UTC).isoformat()]
+    json.dumps(accepted, ensure_ascii=False).encode("utf-8")
+    for last in (None, 41, 42, 2**63 - 1):
+        try:
+            check_seq(command, last)
+        except SignedRejected as exc:
+            assert exc.reason == "older-seq"
+    return command
+
+
+def test_the_valid_command_opens():
+    command = check_command(VALID_COMMAND)
+    assert command is not None and command.seq == 42
+    assert check_command(signed_command(json.dumps(VALID_COMMAND_BODY).encode())) == command
+
+
+@FUZZ
+@given(st.binary(max_size=2048))
+def test_random_bytes_are_not_a_command(noise):
+    assert check_command(noise) is None
+
+
+@FUZZ
+@given(st.integers(0, len(VALID_COMMAND) - 1), st.integers(1, 255), st.booleans())
+def test_a_flipped_or_cut_command_is_refused_or_unchanged(at, xor, cut):
+    damaged = (
+        VALID_COMMAND[:at]
+        if cut
+        else VALID_COMMAND[:at] + bytes([VALID_COMMAND[at] ^ xor]) + VALID_COMMAND[at + 1 :]
+    )
+    command = check_command(damaged)
+    if command is not None:  # a flip in JSON whitespace or base64 padding can leave the same meaning
+        assert command == check_command(VALID_COMMAND)
+
+
+@FUZZ
+@given(st.sampled_from(sorted({"v", "alg", "key_id", "body", "sig"})), hostile)
+def test_a_command_envelope_member_replaced_by_anything_is_refused(member, value):
+    envelope = json.loads(VALID_COMMAND)
+    envelope[member] = value
+    assert check_command(to_json(envelope)) is None or member == "key_id"
+
+
+@FUZZ
+@given(st.sampled_from(COMMAND_MEMBERS), hostile)
+def test_a_signed_command_with_any_member_replaced_is_opened_or_refused_cleanly(member, value):
+    body = {**VALID_COMMAND_BODY, member: value}
+    command = check_command(signed_command(to_json(body)))
+    if command is not None and member == "seq":
+        assert command.seq == value
+
+
+@FUZZ
+@given(st.sampled_from(COMMAND_MEMBERS), st.booleans())
+def test_a_signed_command_with_a_member_dropped_or_unknown_is_opened_or_refused_cleanly(member, add):
+    body = (
+        {**VALID_COMMAND_BODY, f"x-{member}": 1}
+        if add
+        else {k: v for k, v in VALID_COMMAND_BODY.items() if k != member}
+    )
+    command = check_command(signed_command(json.dumps(body).encode()))
+    if add or member not in ("expires", "params"):
+        assert command is None
+
+
+@FUZZ
+@given(json_values)
+def test_a_signed_command_body_of_any_json_shape_is_refused(document):
+    assert check_command(signed_command(json.dumps(document).encode())) is None
+
+
+@FUZZ
+@given(st.integers(1, 3000), st.sampled_from(COMMAND_MEMBERS))
+def test_deep_nesting_in_a_signed_command_member_is_refused(levels, member):
+    raw = json.dumps({**VALID_COMMAND_BODY, member: "__DEEP__"}).replace(
+        '"__DEEP__"', "[" * levels + "]" * levels, 1
+    )
+    assert check_command(signed_command(raw.encode())) is None
+
+
+@FUZZ
+@given(st.sampled_from(COMMAND_MEMBERS), hostile)
+def test_a_session_set_key_use_never_opens_as_a_command(member, value):
+    """The same body signed under the session-set prefix: refused as bad-signature whatever it holds."""
+    raw = to_json({**VALID_COMMAND_BODY, member: value})
+    forged = json.loads(signed_command(raw))
+    forged["sig"] = base64.b64encode(SIGNER.sign(SIGNING_PREFIX + raw).signature).decode()
+    with pytest.raises(SignedRejected) as info:
+        open_command(json.dumps(forged).encode(), verify_keys=[SIGNER.verify_key], device=COMMAND_DEVICE)
+    assert info.value.reason == "bad-signature"

@@ -493,7 +493,7 @@ def envelope(**changes: Any) -> bytes:
         (envelope(code=True), "code is not an integer"),
         (envelope(msg=5), "msg is not a string"),
         (envelope(t="now"), "t is not an integer"),
-        (envelope(opId=7), "opId is not a string"),
+        (envelope(opId=7), "opId is not printable text"),
         (envelope(data=None), "data is not an object"),
         (envelope(data=[STATUS_DATA]), "data is not an object"),
         (envelope(data={**STATUS_DATA, "powerPercent": "x"}), "data.powerPercent"),

@@ -20,6 +20,7 @@ in a result: not the one a query returns nor the one a setting sends.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -96,6 +97,13 @@ class CommandRunner:
             "op": request.op,
             "params": {k: "(secret)" if k in SECRET_PARAMS else v for k, v in request.params.items()},
         }
+        try:
+            json.dumps(body, ensure_ascii=False).encode()
+        except (UnicodeEncodeError, ValueError):  # a lone surrogate (the CLI's JSON may carry one)
+            body["params"] = {}
+            return await self._finish(
+                body, {"outcome": "refused", "reason": "params: not UTF-8 text", "attempts": 0}
+            )
         try:
             params = params_for(request.op, request.params)
         except (UnknownOperation, InvalidParams) as exc:

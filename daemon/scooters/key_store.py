@@ -39,7 +39,7 @@ class KeyStore:
                 sealed = base64.b64decode(entry["sealed"], validate=True)
                 key = self._box.decrypt(sealed).decode("ascii")
                 wall_ns = entry["fetched_wall_ns"]
-                if not _KEY.fullmatch(key) or not isinstance(wall_ns, int):
+                if not _KEY.fullmatch(key) or type(wall_ns) is not int:  # bool is an int in Python
                     raise ValueError("not a key")
             except (KeyError, TypeError, ValueError, binascii.Error, CryptoError, UnicodeDecodeError):
                 self.dropped += 1

@@ -94,6 +94,7 @@ def open_command(payload: bytes, *, verify_keys: Sequence[VerifyKey], device: st
     params = obj.get("params", {})
     if not isinstance(params, dict):
         malformed("params", f"must be an object, not {json_type(params)}")
+    _printable_strings(params, "params")
     return ScooterCommand(target, seq, command_id, issued_at, expires, iot_code, op, params, kid)
 
 
@@ -145,6 +146,23 @@ def _text(obj: dict[str, Any], name: str, max_len: int) -> str:
     if not 1 <= len(value) <= max_len or not value.isprintable():
         malformed(name, f"must be 1-{max_len} printable characters")
     return value
+
+
+def _printable_strings(value: Any, where: str, depth: int = 0) -> None:
+    """Every name and string in ``params`` printable: a lone surrogate (JSON "\\ud800") could not be written into
+    the command's result record, and a control character has no business in a Segway parameter."""
+    if depth > 8:
+        malformed(where, "is nested too deep")
+    if isinstance(value, str) and not value.isprintable():
+        malformed(where, "must be printable Unicode text (no control characters or lone surrogates)")
+    if isinstance(value, dict):
+        for name, item in value.items():
+            if not name.isprintable():
+                malformed(where, "has a member name that is not printable text")
+            _printable_strings(item, f"{where}.{name[:40]}", depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _printable_strings(item, f"{where}[{i}]", depth + 1)
 
 
 def _timestamp(obj: dict[str, Any], name: str) -> datetime:

@@ -336,9 +336,15 @@ def _envelope(body: bytes, what: str) -> _Envelope:
         raise _garbled(what, "msg is not a string")
     if t is not None and type(t) is not int:
         raise _garbled(what, "t is not an integer")
-    if op_id is not None and not isinstance(op_id, str):
-        raise _garbled(what, "opId is not a string")
-    return _Envelope(code, (msg or "")[:MAX_MSG], op_id and op_id[:100], t, answer.get("data"))
+    if op_id is not None and not (isinstance(op_id, str) and op_id.isprintable()):
+        raise _garbled(what, "opId is not printable text")
+    return _Envelope(code, _printable((msg or "")[:MAX_MSG]), op_id and op_id[:100], t, answer.get("data"))
+
+
+def _printable(text: str) -> str:
+    """Segway's msg as shown and recorded: a lone surrogate (JSON "\\ud800") cannot be written into a UTF-8
+    record, and a control character has no place in a log line; each becomes U+FFFD."""
+    return text if text.isprintable() else "".join(c if c.isprintable() else "\ufffd" for c in text)
 
 
 def _data(op: Operation, iot_code: str, data: Any) -> BaseModel | None:
