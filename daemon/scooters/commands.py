@@ -227,6 +227,7 @@ class CommandDownlink:
         self._queue: asyncio.Queue[Request] = asyncio.Queue(MAX_QUEUED)
         self._last_rejection_event: dict[str, float] = {}
         self.accepted = 0
+        self.failed = 0  # commands whose outcome could not be recorded
         self.rejected: dict[str, int] = {}
 
     async def on_mqtt(self, payload: bytes) -> None:
@@ -287,11 +288,16 @@ class CommandDownlink:
     async def _after(self, before: asyncio.Task[Any] | None, request: Request) -> None:
         if before is not None:
             await asyncio.gather(before, return_exceptions=True)
-        await self._runner.run(request)
+        try:
+            await self._runner.run(request)
+        except Exception:  # the store could not commit the outcome (disk full ...): said, and counted
+            self.failed += 1
+            log.exception("scooter command: no outcome recorded", extra={"id": request.id, "op": request.op})
 
     def status(self) -> dict[str, Any]:
         return {
             "accepted": self.accepted,
+            "unrecorded": self.failed,
             "rejected": dict(self.rejected),
             "queued": self._queue.qsize(),
             "last_seq": self._last_seq,
