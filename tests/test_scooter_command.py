@@ -461,7 +461,7 @@ def test_an_accepted_command_is_recorded_with_its_seq_and_queued(tmp_path: Path)
     async def body(rig: Rig) -> None:
         assert await rig.saved_seq() is None
         await rig.downlink.on_mqtt(make(seq=42))
-        assert rig.downlink.status() == {"accepted": 1, "rejected": {}, "queued": 1, "last_seq": 42}
+        assert rig.downlink.status() == {"unrecorded": 0, "accepted": 1, "rejected": {}, "queued": 1, "last_seq": 42}
         (record,) = await rig.records("scooter-results")
         assert record == {
             "id": "cmd-7f3a",
@@ -498,7 +498,7 @@ def test_a_replay_is_older_seq_counted_and_not_recorded_again(tmp_path: Path) ->
         await rig.downlink.on_mqtt(payload)
         await rig.downlink.on_mqtt(make(seq=41, command_id="cmd-old"))
         status = rig.downlink.status()
-        assert status == {"accepted": 1, "rejected": {"older-seq": 2}, "queued": 1, "last_seq": 42}
+        assert status == {"unrecorded": 0, "accepted": 1, "rejected": {"older-seq": 2}, "queued": 1, "last_seq": 42}
         assert len(await rig.records("scooter-results")) == 1
         assert await rig.saved_seq() == 42
         (event,) = await rig.events("scooter-command-rejected")
@@ -528,6 +528,7 @@ def test_the_saved_seq_refuses_a_replay_after_a_restart(tmp_path: Path) -> None:
     async def after(rig: Rig) -> None:
         await rig.downlink.on_mqtt(payload)
         assert rig.downlink.status() == {
+            "unrecorded": 0,
             "accepted": 0,
             "rejected": {"older-seq": 1},
             "queued": 0,
@@ -542,6 +543,7 @@ def test_a_forged_command_is_unknown_key_and_changes_nothing(tmp_path: Path) -> 
     async def body(rig: Rig) -> None:
         await rig.downlink.on_mqtt(make(seq=42, signer=STRANGER))
         assert rig.downlink.status() == {
+            "unrecorded": 0,
             "accepted": 0,
             "rejected": {"unknown-key": 1},
             "queued": 0,
@@ -561,6 +563,7 @@ def test_a_payload_over_64_kib_is_malformed_without_being_parsed(tmp_path: Path)
         await rig.downlink.on_mqtt(big)
         await rig.downlink.on_mqtt(b"x" * (65 * 1024))
         assert rig.downlink.status() == {
+            "unrecorded": 0,
             "accepted": 0,
             "rejected": {"malformed": 2},
             "queued": 0,
