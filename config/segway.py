@@ -12,6 +12,8 @@ from fleetgate.config.types import Float, Int, ResolvedPath, SecretFile, Section
 
 PLATFORM_CODE_PATTERN = r"^[AEUC][A-Za-z0-9]{1,31}$"  # the first letter picks Segway's region
 IOT_CODE_PATTERN = r"^[0-9A-Za-z]{6,32}$"  # the IoT module's IMEI (15 digits; the seed's examples vary)
+BLE_ADDRESS_PATTERN = r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$"
+BLE_PROFILES = ("fleetgate",)  # drivers/ble: the lock protocols this build has (docs/ble-profile.md)
 
 
 class ScooterConfig(Section):
@@ -19,6 +21,12 @@ class ScooterConfig(Section):
     vin: str | None = Field(None, max_length=32, description="The scooter's VIN or frame number, if known.")
     sn: str | None = Field(None, max_length=64, description="The scooter's serial number, if known.")
     model: str | None = Field(None, max_length=32, description="Model, e.g. 'E-moped C80' (informational).")
+    ble_address: str | None = Field(
+        None,
+        pattern=BLE_ADDRESS_PATTERN,
+        description="The scooter's Bluetooth address (AA:BB:CC:DD:EE:FF); unset: recognised by what it "
+        "advertises, if its profile says (docs/ble-profile.md).",
+    )
 
 
 class SegwayPollConfig(Section):
@@ -79,6 +87,73 @@ class SegwayCommandsConfig(Section):
         description="Tries of a command Segway answers with a retryable code (device offline...).",
     )
     retry_s: Float = Field(5.0, gt=0, le=3600, description="Wait before the second try; doubles after each.")
+    defer_s: Float = Field(
+        900.0,
+        ge=0,
+        le=7 * 86_400,
+        description="A command no channel can run now (BLE out of range, the cloud or the scooter offline) "
+        "waits in the persistent queue this long, unless it carries its own expiry; 0: never queued.",
+    )
+    secure_defer_s: Float = Field(
+        86_400.0,
+        ge=0,
+        le=30 * 86_400,
+        description="The same for commands that make a scooter safe (lock, end-rental): 'lock as soon as "
+        "possible'. They are retried until done or this old.",
+    )
+    pending_retry_s: Float = Field(
+        60.0,
+        ge=1,
+        le=3600,
+        description="Queued commands are tried again this often (and at once over BLE "
+        "when their scooter comes into range).",
+    )
+    rotate_key_after_rental: bool = Field(
+        True,
+        description="After a rental ends, set a new random Bluetooth key through the cloud and read it back, "
+        "so a past renter's copy stops working.",
+    )
+
+
+class SegwayBleConfig(Section):
+    enabled: bool = Field(
+        False, description="Run commands over Bluetooth LE when a scooter is in range and its key is cached."
+    )
+    adapter: str = Field("hci0", pattern=r"^hci[0-9]{1,2}$", description="The BlueZ adapter to use.")
+    profile: str = Field(
+        "fleetgate",
+        description="The scooters' lock protocol (one of: " + ", ".join(BLE_PROFILES) + "; a vendor's "
+        "routine is another profile, docs/ble-profile.md).",
+    )
+    max_connections: Int = Field(
+        2, ge=1, le=8, description="Most scooters connected at once (controllers manage a handful)."
+    )
+    scan_s: Float = Field(4.0, gt=0, le=60, description="Length of one scan window.")
+    scan_every_s: Float = Field(
+        10.0, gt=0, le=600, description="A scan window starts this often (equal to scan_s: scan always)."
+    )
+    range_timeout_s: Float = Field(
+        30.0, gt=0, le=3600, description="A scooter not heard for this long is out of range."
+    )
+    min_rssi: Int = Field(
+        -95, ge=-127, le=0, description="Weaker than this (dBm), a scooter counts as out of range."
+    )
+    connect_timeout_s: Float = Field(
+        10.0, gt=0, le=60, description="How long one connection attempt may take."
+    )
+    connect_attempts: Int = Field(3, ge=1, le=10, description="Connection attempts per command.")
+    command_timeout_s: Float = Field(5.0, gt=0, le=60, description="How long each answer may take.")
+    idle_disconnect_s: Float = Field(
+        20.0, gt=0, le=600, description="A connection with nothing to do is closed after this long."
+    )
+
+    @model_validator(mode="after")
+    def _known_profile(self) -> SegwayBleConfig:
+        if self.profile not in BLE_PROFILES:
+            raise ValueError(f"profile {self.profile!r} is not one of {', '.join(BLE_PROFILES)}")
+        if self.scan_every_s < self.scan_s:
+            raise ValueError("scan_every_s must be at least scan_s")
+        return self
 
 
 class SegwayConfig(Section):
@@ -109,6 +184,7 @@ class SegwayConfig(Section):
     poll: SegwayPollConfig = SegwayPollConfig()
     push: SegwayPushConfig = SegwayPushConfig()
     commands: SegwayCommandsConfig = SegwayCommandsConfig()
+    ble: SegwayBleConfig = SegwayBleConfig()
     scooters: list[ScooterConfig] = Field(
         default_factory=list,
         description="The yard: [[segway.scooters]] tables with iot_code (and vin, sn, model). Scooters that "
@@ -124,4 +200,7 @@ class SegwayConfig(Section):
         codes = [s.iot_code for s in self.scooters]
         if len(codes) != len(set(codes)):
             raise ValueError("scooters: an iot_code appears more than once")
+        addresses = [s.ble_address.upper() for s in self.scooters if s.ble_address]
+        if len(addresses) != len(set(addresses)):
+            raise ValueError("scooters: a ble_address appears more than once")
         return self

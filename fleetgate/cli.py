@@ -87,6 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     one.add_argument("iot_code", help="the scooter's iotCode (IMEI)")
     one.add_argument("op", help="operation, e.g. unlock, lock, status, speed-mode")
     one.add_argument("params", nargs="*", metavar="NAME=VALUE", help="the operation's parameters")
+    one.add_argument(
+        "--via",
+        choices=("auto", "ble", "cloud"),
+        default="auto",
+        help="the channel: auto (BLE when the scooter is in range and its key cached, else the cloud; "
+        "queued if neither can run it now), ble or cloud (default: auto)",
+    )
     one.add_argument("--json", action="store_true", help="print the raw JSON reply")
 
     sub.add_parser("signals", help="the signal catalogue: names, units, sources, REEF/Vinli names (Markdown)")
@@ -201,7 +208,7 @@ def _pin(args: argparse.Namespace) -> int:
 def _operation_names() -> list[str]:
     from fleetgate.sync.segway.operations import OPERATIONS
 
-    return sorted(OPERATIONS)
+    return sorted([*OPERATIONS, "rotate-key"])  # rotate-key: the gateway's own (daemon/scooters/commands.py)
 
 
 def _scooter(args: argparse.Namespace) -> int:
@@ -223,13 +230,15 @@ def _scooter(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         # Segway may take a while (the device answers through the cloud) and retryable codes are tried again.
-        result = _ask(args, "scooter", {"iot_code": args.iot_code, "op": args.op, "params": params}, 180.0)
+        request = {"iot_code": args.iot_code, "op": args.op, "params": params, "via": args.via}
+        result = _ask(args, "scooter", request, 180.0)
     except ControlError as exc:
         if exc.code == "unknown-command":
             print("fleetgate: the depot is disabled ([segway] enabled = false)", file=sys.stderr)
             return EXIT_FAILURE
         raise
     print(json.dumps(result, indent=2) if args.json else render.scooter_result(result))
+    # "deferred": queued, not done; the exit code says so (a script waiting for the lock must not go on).
     return 0 if result.get("outcome") in ("done", "partial") else EXIT_FAILURE
 
 

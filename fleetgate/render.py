@@ -303,7 +303,21 @@ def scooters(s: dict[str, Any]) -> str:
         if not cmd:
             return "-"
         code = f" {cmd['code']}" if cmd.get("code") else ""
-        return f"{cmd['op']}: {cmd['outcome']}{code}"
+        via = f" via {cmd['channel']}" if cmd.get("channel") else ""
+        return f"{cmd['op']}: {cmd['outcome']}{code}{via}"
+
+    def radio(x: dict[str, Any]) -> str:
+        ble = x.get("ble")
+        if not ble:
+            return "-"
+        if not ble.get("in_range"):
+            seen = ble.get("seen_age_s")
+            return "out of range" + ("" if seen is None else f" ({duration(seen)} ago)")
+        return f"{ble['rssi']} dBm" + (" connected" if ble.get("connected") else "")
+
+    def queued(x: dict[str, Any]) -> str:
+        pending = x.get("pending") or []
+        return ", ".join(p["op"] for p in pending[:3]) + (" ..." if len(pending) > 3 else "") or "-"
 
     def flag(value: bool | None, yes: str, no: str) -> str:
         return "?" if value is None else yes if value else no
@@ -317,13 +331,20 @@ def scooters(s: dict[str, Any]) -> str:
             duration(x["status_age_s"]),
             duration(x["location_age_s"]),
             duration(x["key_age_s"]) if x["key_cached"] else "no",
+            radio(x),
+            queued(x),
             last(x),
             f"{x['failures']} ({x['last_error'][:40]})" if x["failures"] else "0",
         ]
         for x in s["scooters"]
     ]
-    headers = ["IOT CODE", "ONLINE", "LOCK", "BATTERY", "STATUS AGE", "LOCATION AGE", "KEY", "LAST COMMAND"]
+    headers = ["IOT CODE", "ONLINE", "LOCK", "BATTERY", "STATUS AGE", "LOCATION AGE", "KEY", "BLE", "PENDING"]
+    headers.append("LAST COMMAND")
     return table([*headers, "FAILURES"], rows)
+
+
+def _route(r: dict[str, Any]) -> str:
+    return ", ".join(f"{step.get('channel')}: {step.get('result')}" for step in r.get("route") or []) or "-"
 
 
 def scooter_result(r: dict[str, Any]) -> str:
@@ -331,6 +352,16 @@ def scooter_result(r: dict[str, Any]) -> str:
     if outcome == "refused":
         return f"refused: {r.get('reason')}"
     parts = [f"{r.get('op')} on {r.get('iot_code')}: {outcome}"]
+    if r.get("channel"):
+        parts.append(f"via {r['channel']}")
+    if outcome == "deferred":
+        parts.append(f"queued until {r.get('expires')} (tried: {_route(r)})")
+    elif r.get("route") and len(r["route"]) > 1:
+        parts.append(f"tried {_route(r)}")
+    if r.get("ble_status") and r["ble_status"] != "ok":
+        parts.append(f"BLE: {r['ble_status']}")
+    if r.get("reason") and outcome != "refused":
+        parts.append(str(r["reason"]))
     if r.get("code") is not None:
         parts.append(f"code {r['code']} ({r.get('msg')})")
     if r.get("op_id"):

@@ -136,7 +136,9 @@ class Depot:
 
 
 def depot_config(tmp: Path, segway: SegwayServer, tls: TlsFiles, broker_port: int, push_port: int,
-                 signer: SigningKey) -> Path:  # fmt: skip
+                 signer: SigningKey, *, extra: str = "", moped: str = "") -> Path:  # fmt: skip
+    """The depot's configuration; ``extra`` adds lines to [segway.commands] (and may go on with tables of its
+    own), ``moped`` lines to the first scooter's table."""
     device_secret = tmp / "device.secret"
     generate_secret_file(device_secret)
     client_secret = tmp / "segway.secret"
@@ -198,10 +200,13 @@ key_file = "{tls.server_key}"
 signing_keys = ["{public}"]
 max_attempts = 3
 retry_s = 0.2
+{extra}
+
 
 [[segway.scooters]]
 iot_code = "{MOPED}"
 model = "E-moped C80"
+{moped}
 
 [[segway.scooters]]
 iot_code = "{SCOOTER}"

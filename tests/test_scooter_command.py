@@ -12,17 +12,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from nacl.secret import SecretBox
 from nacl.signing import SigningKey
 
 from fleetgate.daemon.runtime.clock import Clock
 from fleetgate.daemon.runtime.events import Events
-from fleetgate.daemon.scooters.commands import (
+from fleetgate.daemon.scooters.commands import CommandRunner, DeferPolicy, Request, RetryPolicy
+from fleetgate.daemon.scooters.dispatch import Dispatcher
+from fleetgate.daemon.scooters.downlink import (
     MAX_PAYLOAD_BYTES,
     SEQ_KEY,
     CommandDownlink,
-    Request,
     last_seq_from_state,
 )
+from fleetgate.daemon.scooters.key_store import KeyStore
+from fleetgate.daemon.scooters.pending import PREFIX as PENDING_PREFIX
+from fleetgate.daemon.scooters.yard import Yard
 from fleetgate.sync.crypto.device_keys import box_key, device_public_key_b64
 from fleetgate.sync.crypto.scooter_command import (
     SIGNING_PREFIX,
@@ -405,9 +410,10 @@ def test_sealing_raises_value_error_not_signed_rejected() -> None:
 
 
 class Rig:
-    def __init__(self, db: Database, downlink: CommandDownlink) -> None:
+    def __init__(self, db: Database, downlink: CommandDownlink, dispatcher: Dispatcher) -> None:
         self.db = db
         self.downlink = downlink
+        self.dispatcher = dispatcher
 
     async def records(self, stream: str) -> list[dict[str, Any]]:
         rows = await self.db.run(
@@ -426,31 +432,49 @@ class Rig:
         return await StateStore(self.db).get(SEQ_KEY)
 
     def queued(self) -> list[Request]:
-        queue = self.downlink._queue
+        queue = self.dispatcher._queue
         items = [queue.get_nowait() for _ in range(queue.qsize())]
         for item in items:
             queue.put_nowait(item)
-        return items
+        return [request for request, _future in items]
+
+    async def pending(self) -> dict[str, str]:
+        return await StateStore(self.db).items(PENDING_PREFIX)
 
 
 def run_with_downlink(
-    tmp_path: Path, body: Callable[[Rig], Awaitable[None]], last_seq: int | None = None
+    tmp_path: Path,
+    body: Callable[[Rig], Awaitable[None]],
+    last_seq: int | None = None,
+    defer: DeferPolicy | None = None,
 ) -> None:
     async def main() -> None:
         db = await Database.open(tmp_path / "fleetgate.db")
         try:
             outbox = Outbox(db, boot_id="boot-1")
             clock = Clock()
+            # on_mqtt only records and queues: the runner is asked what may wait, and never runs here.
+            runner = CommandRunner(
+                None,  # type: ignore[arg-type]
+                Yard(),
+                KeyStore(SecretBox(bytes(32))),
+                outbox,
+                clock,
+                RetryPolicy(1, 1.0),
+                defer=defer,
+            )
+            dispatcher = Dispatcher(runner)
             downlink = CommandDownlink(
                 DEVICE,
                 [SIGNER.verify_key],
                 last_seq,
-                None,  # type: ignore[arg-type]  # on_mqtt only queues: the runner is the worker's
+                runner,
+                dispatcher,
                 outbox,
                 clock,
                 Events(outbox, clock),
             )
-            await body(Rig(db, downlink))
+            await body(Rig(db, downlink, dispatcher))
         finally:
             await db.close()
 
@@ -461,7 +485,13 @@ def test_an_accepted_command_is_recorded_with_its_seq_and_queued(tmp_path: Path)
     async def body(rig: Rig) -> None:
         assert await rig.saved_seq() is None
         await rig.downlink.on_mqtt(make(seq=42))
-        assert rig.downlink.status() == {"unrecorded": 0, "accepted": 1, "rejected": {}, "queued": 1, "last_seq": 42}
+        assert rig.downlink.status() == {
+            "unrecorded": 0,
+            "accepted": 1,
+            "rejected": {},
+            "queued": 1,
+            "last_seq": 42,
+        }
         (record,) = await rig.records("scooter-results")
         assert record == {
             "id": "cmd-7f3a",
@@ -477,6 +507,25 @@ def test_an_accepted_command_is_recorded_with_its_seq_and_queued(tmp_path: Path)
         assert await rig.events("scooter-command-rejected") == []
 
     run_with_downlink(tmp_path, body)
+
+
+def test_a_command_that_may_wait_is_queued_durably_in_the_commit_that_accepts_it(tmp_path: Path) -> None:
+    """A lock's queue entry is written with its acceptance, so a kill -9 before it runs does not lose it; a
+    query is never queued (a late answer is of no use)."""
+
+    async def body(rig: Rig) -> None:
+        await rig.downlink.on_mqtt(make(seq=1, op="lock", params={}, command_id="lock-1", expires=None))
+        await rig.downlink.on_mqtt(make(seq=2, op="status", params={}, command_id="status-2"))
+        (lock, status) = rig.queued()
+        assert lock.queued and not status.queued
+        saved = await rig.pending()
+        assert list(saved) == [PENDING_PREFIX + "lock-1"]
+        entry = json.loads(saved[PENDING_PREFIX + "lock-1"])
+        assert entry["op"] == "lock" and entry["source"] == "mqtt" and entry["seq"] == 1
+        # No expiry of its own: it may wait secure_defer_s from its acceptance.
+        assert entry["expires_wall_ns"] - entry["queued_wall_ns"] == 3600 * 10**9
+
+    run_with_downlink(tmp_path, body, defer=DeferPolicy(defer_s=60.0, secure_defer_s=3600.0))
 
 
 def test_commands_in_order_are_all_accepted_and_the_seq_follows(tmp_path: Path) -> None:
@@ -498,7 +547,13 @@ def test_a_replay_is_older_seq_counted_and_not_recorded_again(tmp_path: Path) ->
         await rig.downlink.on_mqtt(payload)
         await rig.downlink.on_mqtt(make(seq=41, command_id="cmd-old"))
         status = rig.downlink.status()
-        assert status == {"unrecorded": 0, "accepted": 1, "rejected": {"older-seq": 2}, "queued": 1, "last_seq": 42}
+        assert status == {
+            "unrecorded": 0,
+            "accepted": 1,
+            "rejected": {"older-seq": 2},
+            "queued": 1,
+            "last_seq": 42,
+        }
         assert len(await rig.records("scooter-results")) == 1
         assert await rig.saved_seq() == 42
         (event,) = await rig.events("scooter-command-rejected")

@@ -26,6 +26,7 @@ class KeyStore:
         self._box = box
         self._keys: dict[str, str] = {}
         self._sealed: dict[str, dict[str, Any]] = {}
+        self._generation: dict[str, int] = {}  # bumped by every put: a fetch that started before is stale
         self.dropped = 0  # stored values that did not open or were malformed
 
     def load(self, raw: Any) -> dict[str, int]:
@@ -49,10 +50,20 @@ class KeyStore:
             fetched[iot_code] = wall_ns
         return fetched
 
-    def put(self, iot_code: str, key: str, wall_ns: int) -> dict[str, Any]:
-        """Keep ``key``; returns the whole sealed state to write (``{STATE_KEY: ...}`` in a commit)."""
+    def generation(self, iot_code: str) -> int:
+        """Take before asking the cloud for a key, give to ``put``: a rotation in between wins."""
+        return self._generation.get(iot_code, 0)
+
+    def put(
+        self, iot_code: str, key: str, wall_ns: int, generation: int | None = None
+    ) -> dict[str, Any] | None:
+        """Keep ``key``; returns the whole sealed state to write (``{STATE_KEY: ...}`` in a commit), or None
+        if ``generation`` is given and another key was kept since (a fetch that raced a rotation)."""
         if not _KEY.fullmatch(key):
             raise ValueError("a Segway Bluetooth key is 8 letters and digits")
+        if generation is not None and generation != self.generation(iot_code):
+            return None
+        self._generation[iot_code] = self.generation(iot_code) + 1
         self._keys[iot_code] = key
         sealed = base64.b64encode(self._box.encrypt(key.encode("ascii"))).decode("ascii")
         self._sealed[iot_code] = {"sealed": sealed, "fetched_wall_ns": wall_ns}

@@ -116,6 +116,7 @@ class Poller:
     async def _poll(self, scooter: Scooter, kind: str) -> None:
         op, time_field = QUERIES[kind]
         iot = scooter.iot_code
+        generation = self._keys.generation(iot)
         try:
             result = await self._client.call(op, iot)
         except TokenRefused:
@@ -135,7 +136,9 @@ class Poller:
         if kind == "key":
             key = getattr(result.data, "key", None)
             if isinstance(key, str):
-                state = self._keys.put(iot, key, stamp.wall_ns)
+                state = self._keys.put(iot, key, stamp.wall_ns, generation)
+                if state is None:  # a rotation kept a newer key while this answer was on its way
+                    return
                 await self._outbox.append([], {KEYS_KEY: state})
                 scooter.key_fetched_wall_ns = stamp.wall_ns
                 if self._on_key is not None:

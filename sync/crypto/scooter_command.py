@@ -17,6 +17,8 @@ body is compact JSON::
 - ``iot_code``: the scooter (Segway's ``iotCode``); ``op``: an operation name of ``sync.segway.operations``
   (``unlock``, ``lock``, ``speed-mode`` ...) and ``params`` its parameters with the seed's names
   (``{"speedMode": 2}``). Both are checked by the depot feature, which knows the catalogue.
+- ``via`` (optional): ``"auto"`` (the default: BLE when the scooter is in range and its key cached, else the
+  cloud), ``"ble"`` or ``"cloud"``.
 
 Refusals (``SignedRejected.reason``): those of the envelope, ``malformed`` for the body, ``wrong-device``,
 ``older-seq``.
@@ -48,7 +50,8 @@ from fleetgate.sync.crypto.signed import (
 
 SIGNING_PREFIX = b"fleetgate/scooter-commands/v1\n"
 MAX_SEQ = 2**63 - 1
-_BODY_KEYS = frozenset({"device", "seq", "id", "issued_at", "expires", "iot_code", "op", "params"})
+_BODY_KEYS = frozenset({"device", "seq", "id", "issued_at", "expires", "iot_code", "op", "params", "via"})
+VIA = ("auto", "ble", "cloud")
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z", re.ASCII)
 _IOT_CODE = re.compile(r"[0-9A-Za-z]{6,32}", re.ASCII)
 _OP = re.compile(r"[a-z][a-z-]{0,39}", re.ASCII)
@@ -65,6 +68,7 @@ class ScooterCommand:
     op: str
     params: dict[str, Any]
     key_id: str
+    via: str = "auto"
 
 
 def open_command(payload: bytes, *, verify_keys: Sequence[VerifyKey], device: str) -> ScooterCommand:
@@ -95,7 +99,10 @@ def open_command(payload: bytes, *, verify_keys: Sequence[VerifyKey], device: st
     if not isinstance(params, dict):
         malformed("params", f"must be an object, not {json_type(params)}")
     _printable_strings(params, "params")
-    return ScooterCommand(target, seq, command_id, issued_at, expires, iot_code, op, params, kid)
+    via = obj.get("via", "auto")
+    if via not in VIA:
+        malformed("via", f"must be one of {', '.join(VIA)}")
+    return ScooterCommand(target, seq, command_id, issued_at, expires, iot_code, op, params, kid, via)
 
 
 def check_seq(command: ScooterCommand, last_seq: int | None) -> None:
@@ -116,6 +123,7 @@ def seal_command(
     params: dict[str, Any] | None = None,
     issued_at: datetime,
     expires: datetime | None = None,
+    via: str | None = None,
     signing_key: SigningKey,
 ) -> bytes:
     """The cloud side: the signed payload of one command (checked with the device's own parser)."""
@@ -130,6 +138,8 @@ def seal_command(
     }
     if expires is not None:
         body_obj["expires"] = _format(expires)
+    if via is not None:
+        body_obj["via"] = via
     body = json.dumps(body_obj, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
     payload = seal_signed(body, prefix=SIGNING_PREFIX, signing_key=signing_key)
     try:

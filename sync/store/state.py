@@ -48,6 +48,11 @@ class StateStore:
     async def delete(self, key: str) -> None:
         await self._db.run(_delete, key)
 
+    async def items(self, prefix: str) -> dict[str, str]:
+        """Every key that starts with ``prefix``, with its value as stored (JSON text, not decoded: each
+        owner decodes its own and decides what a bad one means)."""
+        return await self._db.run(_items, prefix)
+
 
 def _get(conn: sqlite3.Connection, key: str) -> Any | None:
     row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
@@ -73,6 +78,15 @@ def write_state(conn: sqlite3.Connection, changes: dict[str, str | None]) -> Non
                 " DO UPDATE SET value = excluded.value, updated_wall_ns = excluded.updated_wall_ns",
                 (key, value, now),
             )
+
+
+def _items(conn: sqlite3.Connection, prefix: str) -> dict[str, str]:
+    # A range, not LIKE: '%' and '_' in a prefix are not wildcards here.
+    rows = conn.execute(
+        "SELECT key, value FROM state WHERE key >= ? AND key < ? ORDER BY key",
+        (prefix, prefix + "\U0010ffff"),
+    )
+    return {key: value if isinstance(value, str) else str(value) for key, value in rows}
 
 
 def _put(conn: sqlite3.Connection, key: str, value: str) -> None:
