@@ -447,7 +447,7 @@ def test_the_cloud_tool_signs_and_publishes_a_command_the_depot_runs(depot, tmp_
     key_file.chmod(0o600)
     tool = [sys.executable, str(CLOUD), "command", "--signing-key", str(key_file), "--device", DEVICE,
             "--seq", "7", "--iot-code", MOPED, "--op", "speed-mode", "--param", "speedMode=2", "--id", "from-tool",
-            "--host", "127.0.0.1", "--port", str(depot.broker.port)]  # fmt: skip
+            "--via", "cloud", "--host", "127.0.0.1", "--port", str(depot.broker.port)]  # fmt: skip
 
     def run_tool() -> Any:
         done = subprocess.run(tool, capture_output=True, text=True, timeout=60, check=False)
@@ -462,6 +462,7 @@ def test_the_cloud_tool_signs_and_publishes_a_command_the_depot_runs(depot, tmp_
             continue
     done = wait_until("done", lambda: [r for r in results(depot, "from-tool") if r["outcome"] == "done"])
     assert done[0]["seq"] == 7 and done[0]["params"] == {"speedMode": 2}
+    assert done[0]["via"] == "cloud" and done[0]["channel"] == "cloud"
     assert depot.segway.scooter(MOPED)["status"]["speedMode"] == 2
     printed = subprocess.run(
         [*tool[:-4], "--seq", "8"], capture_output=True, text=True, timeout=60, check=False

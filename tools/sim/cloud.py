@@ -22,7 +22,8 @@ command  a signed scooter command for a depot gateway (docs/mqtt.md, "Downlink: 
          {root}/{device}/down/scooter-commands.
 
     python tools/sim/cloud.py command --signing-key F --device ID --seq N --iot-code IOT --op unlock \
-                                   [--param speedMode=2] [--id ID] [--expires-in S] [--host H ...]
+                                   [--param speedMode=2] [--id ID] [--expires-in S] [--via auto|ble|cloud]
+                                   [--host H ...]
 
 Exit status 0, or 1 with a message naming what was wrong (2 for a bad command line).
 """
@@ -145,6 +146,7 @@ def command(args: argparse.Namespace) -> bytes:
             params=params,
             issued_at=now,
             expires=now + timedelta(seconds=args.expires_in) if args.expires_in else None,
+            via=args.via,
             signing_key=load_signing_key(args.signing_key),
         )
     except ValueError as exc:
@@ -211,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE")
     p.add_argument("--id", help="the command's id (default: OP-SEQ)")
     p.add_argument("--expires-in", type=float, help="seconds until the command expires (default: never)")
+    p.add_argument(
+        "--via", choices=("auto", "ble", "cloud"), help="the channel (default: not said, which means auto)"
+    )
     _broker_options(p, required=False)
     args = parser.parse_args(argv)
 
