@@ -1,5 +1,5 @@
 """Who runs scooter commands, and when: one at a time per scooter, scooters side by side (``Dispatcher``), and
-the queued ones tried again (``PendingRetrier``): every ``pending_retry_s``, and within a second or two when
+the queued ones tried again (``PendingRetrier``): every ``pending_retry_s``, and within a few seconds when
 their scooter comes into BLE range with its key cached.
 """
 
@@ -17,7 +17,7 @@ from fleetgate.daemon.scooters.pending import Pending
 log = logging.getLogger(__name__)
 
 MAX_QUEUED = 256
-BLE_RETRY_S = 2.0  # a queued command whose scooter is in BLE range is tried this often
+BLE_RETRY_S = 2.0  # a queued command whose scooter came into BLE range waits at least this since its last try
 TICK_S = 0.5
 
 
@@ -93,7 +93,9 @@ class Dispatcher:
 
 
 class PendingRetrier:
-    """Component ``scooter-pending``: hands queued commands back to the dispatcher when they are due."""
+    """Component ``scooter-pending``: hands queued commands back to the dispatcher when they are due. Those
+    found at start (queued before a restart) are due at once; one queued since waits ``retry_s``, or less if
+    its scooter comes into BLE range (was not ready over BLE at its last try, is now)."""
 
     name = "scooter-pending"
 
@@ -102,33 +104,45 @@ class PendingRetrier:
         self._dispatcher = dispatcher
         self._retry_s = retry_s
         self._last_try: dict[str, float] = {}
+        self._ble_ready_then: dict[str, bool] = {}  # whether BLE could run it at its last try
         self.retries = 0
 
     async def run(self) -> None:
+        first = True
         while True:
             now = time.monotonic()
             for entry in list(self._runner.pending.entries.values()):
-                if entry.id in self._dispatcher.inflight or not self._due(entry, now):
+                if entry.id in self._dispatcher.inflight:
+                    continue
+                if entry.id not in self._last_try and not first:
+                    self._tried(entry, now)  # just queued by its first run: the next try waits
+                    continue
+                if not self._due(entry, now):
                     continue
                 if not self._dispatcher.submit_nowait(as_request(entry)):
                     break  # the worker is full: the rest wait for the next tick
-                self._last_try[entry.id] = now
+                self._tried(entry, now)
                 self.retries += 1
             for gone in set(self._last_try) - set(self._runner.pending.entries):
                 self._last_try.pop(gone)
+                self._ble_ready_then.pop(gone, None)
+            first = False
             await asyncio.sleep(TICK_S)
+
+    def _ble_ready(self, entry: Pending) -> bool:
+        ble = self._runner.ble
+        return entry.via != "cloud" and ble is not None and ble.unavailable(entry.iot_code, entry.op) is None
+
+    def _tried(self, entry: Pending, now: float) -> None:
+        self._last_try[entry.id] = now
+        self._ble_ready_then[entry.id] = self._ble_ready(entry)
 
     def _due(self, entry: Pending, now: float) -> bool:
         last = self._last_try.get(entry.id)
         if last is None or now - last >= self._retry_s:
             return True
-        ble = self._runner.ble
-        return (
-            entry.via != "cloud"
-            and ble is not None
-            and now - last >= BLE_RETRY_S
-            and ble.unavailable(entry.iot_code, entry.op) is None
-        )
+        came_into_range = not self._ble_ready_then.get(entry.id, False) and self._ble_ready(entry)
+        return came_into_range and now - last >= BLE_RETRY_S
 
 
 def as_request(entry: Pending) -> Request:
