@@ -308,6 +308,21 @@ class MqttConfig(Section):
         description="Share of messages that carry the newest telemetry while a backlog drains, so live data "
         "overtakes the backlog. 0 (no live lane) or at least 0.001 (one message in 1000).",
     )
+    live_batch_s: Float = Field(
+        1.0,
+        ge=0,
+        le=60,
+        description="Live telemetry goes out at most this long after it is taken, the readings of that time "
+        "in one message: longer means fewer, larger messages (fewer bytes on a metered link).",
+    )
+    memory_window_s: Float = Field(
+        5.0,
+        ge=0,
+        le=300,
+        description="Live telemetry stays in memory, never written to flash, until the broker acknowledges "
+        "it or it is this old (then it is stored and drained as backlog). A power cut or kill -9 loses at most "
+        "this long of readings the broker had not acknowledged. 0: every reading is stored first.",
+    )
     pack_offline: bool = Field(
         True,
         description="While the broker is unreachable, seal the telemetry backlog into ready-made compressed "
@@ -322,6 +337,15 @@ class MqttConfig(Section):
         if 0 < share < 0.001:
             raise ValueError("must be 0 (no live lane) or at least 0.001")
         return share
+
+    @model_validator(mode="after")
+    def _window_covers_the_batch(self) -> MqttConfig:
+        if self.memory_window_s and self.memory_window_s < self.live_batch_s + 1:
+            raise ValueError(
+                "memory_window_s must be at least live_batch_s + 1 s (else live readings are stored before "
+                "they are sent), or 0"
+            )
+        return self
 
     @model_validator(mode="after")
     def _tls_needs_a_key(self) -> MqttConfig:

@@ -48,10 +48,12 @@ def test_with_mqtt_the_uplink_adds_its_components_verb_and_status_sections(tmp_p
     core, snap = asyncio.run(composed(config))
     assert "sync" in core.control.commands
     names = [s["name"] for s in snap["components"]]
-    assert names[-3:] == ["uplink", "packer", "net-watch"]
+    assert names[-4:] == ["uplink", "packer", "net-watch", "outbox-spill"]
     assert snap["uplink"]["enabled"] is True and snap["uplink"]["online"] is False
     assert snap["uplink"]["eta_s"] == 0.0  # nothing waiting
     assert snap["outbox"]["packer"] == {"segments": 0, "records": 0, "bytes_saved": 0}
+    memory = snap["outbox"]["memory"]  # live telemetry held in memory until acknowledged (sync/store/hot.py)
+    assert memory["held"] == 0 and memory["window_s"] == 5.0
 
 
 def test_a_depot_adds_the_segway_parts_and_takes_commands_only_with_signing_keys(tmp_path):

@@ -113,6 +113,7 @@ class Core:
         """Stop every component, then make what is still in memory durable and close the store."""
         await self.supervisor.stop(self.config.supervisor.stop_timeout_s)
         await self.sink.flush()  # in case the sink was in backoff when the stop came
+        await self.outbox.spill(everything=True)  # live telemetry still in memory, and its seq reservation
         await self.outbox.drain_pending()
         await self.database.close()
 

@@ -1,9 +1,11 @@
-"""The reading sink: drivers' values become telemetry records, appended to the outbox in batches.
+"""The reading sink: drivers' values become telemetry records, handed to the outbox in batches.
 
-``add`` stamps a reading the moment it is taken and keeps it in memory; the sink commits what it holds
-every ``flush_interval_s`` or as soon as ``max_pending`` readings wait, in one group commit. Nobody is told a
-reading was taken before it is committed, so a crash loses at most the readings of the last interval, and
-none that was reported. The latest value of each signal is kept for the live CLI views.
+``add`` stamps a reading the moment it is taken and keeps it in memory; the sink hands what it holds to the
+outbox every ``flush_interval_s`` or as soon as ``max_pending`` readings wait. With the uplink on, the outbox
+keeps them in memory until the broker acknowledges them or ``mqtt.memory_window_s`` passes (its hot tier,
+sync/store/hot.py); without it, one group commit makes them durable. So a crash loses at most the readings of
+the last interval (and, with the uplink, of the memory window that the broker had not acknowledged). The
+latest value of each signal is kept for the live CLI views.
 """
 
 from __future__ import annotations
@@ -117,7 +119,7 @@ class ReadingSink:
 
     async def _commit(self, batch: list[NewRecord]) -> None:
         try:
-            await self._outbox.append(batch)
+            await self._outbox.append_hot(batch)
         except Exception:
             # Keep the readings for the next try; if the store stays broken, memory stays bounded.
             self._pending[:0] = batch

@@ -6,12 +6,14 @@ Its status sections are ``uplink`` and ``outbox.packer``; with MQTT disabled the
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import Callable
 from typing import Any
 
 from fleetgate.daemon.runtime.core import Core
 from fleetgate.daemon.runtime.feature import FeatureParts
+from fleetgate.daemon.runtime.readings import STREAM as TELEMETRY
 from fleetgate.daemon.runtime.status import StatusSource
 from fleetgate.daemon.uplink.net_watch import NetWatch
 from fleetgate.sync.mqtt.drain import Drain
@@ -19,6 +21,8 @@ from fleetgate.sync.mqtt.packer import Packer
 from fleetgate.sync.mqtt.topics import Topics
 
 DISABLED = {"enabled": False, "online": False}
+HOT_MAX_RECORDS = 20_000  # live readings held in memory at most (~ 50 min at a vehicle's rate, a few MB)
+SPILL_EVERY_S = 0.5
 
 
 async def build(core: Core) -> FeatureParts:
@@ -31,6 +35,16 @@ async def build(core: Core) -> FeatureParts:
     from fleetgate.sync.mqtt.link import Uplink
 
     device, store_id = core.config.device.id, core.database.store_id
+    spiller = None
+    if mq.memory_window_s > 0:
+        skipped = await core.outbox.enable_hot(TELEMETRY, mq.memory_window_s, HOT_MAX_RECORDS)
+        if skipped is not None:
+            await core.events.emit_now(
+                "records-skipped",
+                {"stream": skipped.stream, "first_seq": skipped.first, "last_seq": skipped.last,
+                 "reason": "unclean-stop"},
+            )  # fmt: skip
+        spiller = HotSpiller(core.outbox)
     drain = Drain(
         core.outbox,
         device,
@@ -39,6 +53,7 @@ async def build(core: Core) -> FeatureParts:
         mq.compress_min_bytes,
         mq.live_share,
         store_id,
+        mq.live_batch_s,
     )
     uplink = Uplink(
         mq,
@@ -60,7 +75,25 @@ async def build(core: Core) -> FeatureParts:
         parts.components.append(packer)
     parts.status["outbox.packer"] = lambda snap: None if packer is None else packer.snapshot()
     parts.components.append(NetWatch(reconnect_now))
+    if spiller is not None:
+        parts.components.append(spiller)
+        parts.status["outbox.memory"] = lambda snap: None if core.outbox.hot is None else core.outbox.hot.snapshot()
     return parts
+
+
+class HotSpiller:
+    """Component ``outbox-spill``: live telemetry the broker has not acknowledged within the memory window
+    goes to the store (sync/store/hot.py), checked twice a second."""
+
+    name = "outbox-spill"
+
+    def __init__(self, outbox: Any) -> None:
+        self._outbox = outbox
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(SPILL_EVERY_S)
+            await self._outbox.spill()
 
 
 def uplink_view(view: dict[str, Any], backlog: int) -> dict[str, Any]:

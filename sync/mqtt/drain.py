@@ -10,6 +10,10 @@ On any publish failure the drain stops (the link is presumed dead); the next run
 again, so what was in flight is sent again: at-least-once, with (device, stream, seq) to drop duplicates.
 
 Acknowledged ids are deleted in coalesced transactions; one lost in a crash is merely sent again.
+
+Live telemetry in the outbox's hot tier (sync/store/hot.py) never touches the store on its way: it is
+published from memory once its oldest record is ``live_batch_s`` old (or a batch is full), under negative
+ids (``-seq``), and forgotten on PUBACK; what the drain leaves in flight when it stops goes back to the tier.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetgate.sync.mqtt.envelope import Message, pack_rows, reheaded
+from fleetgate.sync.mqtt.envelope import Message, pack_encoded, pack_rows, reheaded
 from fleetgate.sync.store import Outbox, Priority
 from fleetgate.sync.store.segments import Segment
 from fleetgate.sync.store.wire import EncodedRow
@@ -39,6 +43,7 @@ FETCH_SEGMENTS = 32
 PAGE_BYTES = 4 * 1024 * 1024
 ACK_FLUSH_S = 0.2  # acknowledged records are deleted this often (one commit), and once the backlog is out
 IDLE_POLL_S = 1.0
+HOT_BATCH_MAX = 2000  # hot records that make a batch due before its window is up
 
 
 @dataclass
@@ -76,6 +81,7 @@ class Drain:
         compress_min_bytes: int,
         live_share: float,
         store_id: str,
+        live_batch_s: float = 0.0,
     ) -> None:
         self._outbox = outbox
         self._device = device
@@ -84,6 +90,7 @@ class Drain:
         self._max_bytes = max_message_bytes
         self._compress_min = compress_min_bytes
         self._live_every = 0 if live_share <= 0 else max(1, round(1 / live_share))
+        self._live_batch_s = live_batch_s
         self._segment_page = max(2, min(FETCH_SEGMENTS, PAGE_BYTES // max_message_bytes))
         self.stats = DrainStats()
         self.wake = asyncio.Event()  # "sync now"
@@ -147,7 +154,9 @@ class Drain:
             while not failure.done():
                 turn += 1
                 live_turn = self._live_every and turn % self._live_every == 0
-                if live_turn and self._outbox.records_committed != live_seen:
+                if self._hot_due() == 0.0:
+                    messages = self._pack_hot()
+                elif live_turn and self._outbox.records_committed != live_seen:
                     live_seen = self._outbox.records_committed
                     newest = await self._outbox.encoded_newest_after(live_after, FETCH)
                     records = [r for r in newest if r[0] not in taken]
@@ -186,6 +195,22 @@ class Drain:
                 await acker
             if acked or acked_segments:
                 await asyncio.shield(delete_acked())
+            self._outbox.release_hot([i for i in taken if i < 0])
+
+    def _hot_due(self) -> float | None:
+        hot = self._outbox.hot
+        return None if hot is None else hot.due_in(self._live_batch_s, HOT_BATCH_MAX)
+
+    def _pack_hot(self) -> list[Message]:
+        hot = self._outbox.hot
+        assert hot is not None
+        rows = hot.take(HOT_BATCH_MAX)  # in seq order: packed as they are (pack_rows would sort by id)
+        return list(
+            pack_encoded(
+                self._device, hot.stream, [(r[0], r[3]) for r in rows], self._max_bytes, self._compress_min,
+                self._store_id,
+            )
+        )  # fmt: skip
 
     def _pack(self, records: list[EncodedRow]) -> list[Message]:
         return pack_rows(self._device, self._store_id, records, self._max_bytes, self._compress_min)
@@ -210,8 +235,10 @@ class Drain:
             asyncio.ensure_future(self._outbox.appended.wait()),
             asyncio.ensure_future(self.wake.wait()),
         ]
+        hot_due = self._hot_due()
+        timeout = IDLE_POLL_S if hot_due is None else min(IDLE_POLL_S, hot_due)
         try:
-            await asyncio.wait([*waiters, failure], timeout=IDLE_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait([*waiters, failure], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             for waiter in waiters:
                 waiter.cancel()

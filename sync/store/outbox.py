@@ -19,6 +19,7 @@ from typing import Any
 
 from fleetgate.sync.store import segments
 from fleetgate.sync.store.database import Database, transaction
+from fleetgate.sync.store.hot import SEQ_BLOCK, HotRecord, HotTier, SkippedSeqs
 from fleetgate.sync.store.records import ROW_OVERHEAD, Appended, Eviction, NewRecord, Priority, StoredRecord
 from fleetgate.sync.store.segments import Pack, Sealed, Segment
 from fleetgate.sync.store.state import write_state
@@ -72,6 +73,7 @@ class _Pending:
 
 EVICT_CHUNK = 1000
 NO_PRIORITY = 1 << 31  # above every priority
+HOT_RESERVED_PREFIX = "outbox.hot-reserved/"  # state key per hot stream: the last seq reserved on disk
 
 
 class _Writer:
@@ -145,6 +147,72 @@ class _Writer:
                 )
         return appended
 
+    def hot_start(self, conn: sqlite3.Connection, stream: str) -> tuple[int, int]:
+        """(last committed seq, last reserved seq) of a hot stream; the committed one is raised to the
+        reservation, so numbers an unclean stop left reserved are never handed out again."""
+
+        def body(conn: sqlite3.Connection) -> tuple[int, int, int]:
+            stream_id, last = self._stream(conn, stream)
+            row = conn.execute(
+                "SELECT value FROM state WHERE key = ?", (HOT_RESERVED_PREFIX + stream,)
+            ).fetchone()
+            try:
+                reserved = int(json.loads(row[0])) if row is not None else 0
+            except (TypeError, ValueError):
+                reserved = 0  # unreadable: nothing beyond the committed seq can be proven handed out
+            if reserved > last:
+                conn.execute("UPDATE streams SET last_seq = ? WHERE id = ?", (reserved, stream_id))
+            return stream_id, last, reserved
+
+        stream_id, last, reserved = transaction(conn, body)
+        self.streams[stream] = (stream_id, max(last, reserved))
+        return last, reserved
+
+    def write_spill(
+        self,
+        conn: sqlite3.Connection,
+        stream: str,
+        records: Sequence[HotRecord],
+        last_seq: int,
+        state: dict[str, str | None],
+    ) -> None:
+        """Hot records, numbered already, as rows; the stream's committed seq raised to ``last_seq``."""
+
+        def body(conn: sqlite3.Connection) -> tuple[int, Eviction | None]:
+            boot = self._boot(conn)
+            stream_id, _ = self._stream(conn, stream)
+            prio = int(Priority.TELEMETRY)
+            rows = [
+                (stream_id, r.seq, prio, r.wall_ns, r.mono_ns, boot, r.trusted, r.payload) for r in records
+            ]
+            insert_rows(conn, rows)
+            corrected = [r.seq for r in records if r.corrected]
+            if corrected:
+                conn.execute(
+                    "UPDATE outbox SET time_corrected = 1 WHERE stream_id = ? AND seq IN"
+                    " (SELECT value FROM json_each(?))",
+                    (stream_id, json.dumps(corrected)),
+                )
+            size = sum(len(r.payload) + ROW_OVERHEAD for r in records)
+            conn.execute(
+                "UPDATE streams SET last_seq = max(last_seq, ?), bytes = bytes + ? WHERE id = ?",
+                (last_seq, size, stream_id),
+            )
+            evicted = self._enforce_quota(conn, stream, stream_id) if stream in self.quotas else None
+            if state:
+                write_state(conn, state)
+            return boot, evicted
+
+        boot, evicted = transaction(conn, body)
+        self.boot_row = boot
+        stream_id, last = self.streams.get(stream, (None, 0))
+        if stream_id is not None:
+            self.streams[stream] = (stream_id, max(last, last_seq))
+        if evicted is not None and evicted.records:
+            self.evictions.setdefault(stream, Eviction()).add(
+                evicted.records, evicted.bytes, evicted.first_seq, evicted.last_seq
+            )
+
     def _enforce_quota(self, conn: sqlite3.Connection, name: str, stream_id: int) -> Eviction:
         """Delete the stream's oldest telemetry (its segments, then telemetry-priority rows) until it fits its
         quota; never anything else."""
@@ -193,6 +261,8 @@ class Outbox:
         self.commits = 0
         self.records_committed = 0
         self.appended = asyncio.Event()  # set after every commit that added records (the drain waits on it)
+        self.hot: HotTier | None = None  # live telemetry kept in memory until acknowledged (hot.py)
+        self._hot_lock = asyncio.Lock()
 
     async def append(
         self, records: Sequence[NewRecord], state: dict[str, Any] | None = None
@@ -216,6 +286,68 @@ class Outbox:
 
     async def append_one(self, record: NewRecord, state: dict[str, Any] | None = None) -> Appended:
         return (await self.append([record], state))[0]
+
+    # -- the hot tier (sync/store/hot.py) -------------------------------------------------------------------
+
+    async def enable_hot(self, stream: str, window_s: float, max_records: int) -> SkippedSeqs | None:
+        """Keep ``stream``'s records in memory until acknowledged or ``window_s`` old; returns the numbers an
+        unclean stop left reserved and unaccounted for (reported by the caller), if any."""
+        await self.drain_pending()
+        last, reserved = await self._db.run(self._writer.hot_start, stream)
+        tier = HotTier(stream, self._writer.boot_id, window_s, max_records)
+        tier.next_seq = max(last, reserved) + 1
+        tier.reserved = max(last, reserved)
+        self.hot = tier
+        return SkippedSeqs(stream, last + 1, reserved) if reserved > last else None
+
+    async def append_hot(self, records: Sequence[NewRecord]) -> None:
+        """Records of the hot stream (``NewRecord.stream`` must be it): numbered and kept in memory, the
+        drain woken. Without a hot tier, a durable ``append``."""
+        tier = self.hot
+        if tier is None:
+            await self.append(records)
+            return
+        if not records:
+            return
+        async with self._hot_lock:
+            needed = tier.next_seq + len(records) - 1
+            if needed > tier.reserved:
+                upto = needed + SEQ_BLOCK
+                await self.append([], {HOT_RESERVED_PREFIX + tier.stream: upto})
+                tier.reserved = upto
+            tier.add(records)
+        self.appended.set()
+
+    async def spill(self, everything: bool = False) -> int:
+        """Write the hot records that are due (``everything``: all, and the reservation given back, as at a
+        clean stop) to the store; returns how many."""
+        tier = self.hot
+        if tier is None:
+            return 0
+        async with self._hot_lock:
+            await self.drain_pending()  # after every append made so far: rows keep the seq order
+            records = tier.spillable(everything)
+            state: dict[str, str | None] = {}
+            last_seq = 0
+            if everything:
+                last_seq = tier.next_seq - 1
+                state[HOT_RESERVED_PREFIX + tier.stream] = json.dumps(last_seq)
+            elif not records:
+                return 0
+            await self._db.run(self._writer.write_spill, tier.stream, records, last_seq, state)
+            tier.spilled_now(records)
+            if everything:
+                tier.reserved = last_seq
+            self.commits += 1
+            self.records_committed += len(records)
+            if records:
+                self.appended.set()
+            return len(records)
+
+    def release_hot(self, ids: Sequence[int]) -> None:
+        """The drain stopped with these (negative) ids in flight, unacknowledged."""
+        if self.hot is not None:
+            self.hot.release(-i for i in ids if i < 0)
 
     def _take_group(self) -> list[_Pending]:
         group, count = [], 0
@@ -276,10 +408,20 @@ class Outbox:
         )
 
     async def acknowledge(self, ids: Sequence[int], segment_ids: Sequence[int] = ()) -> int:
-        """Delete acknowledged records (row ids) and segments; returns how many records were still present."""
-        if not ids and not segment_ids:
-            return 0
-        return await self._db.run(_acknowledge, list(ids), list(segment_ids))
+        """Delete acknowledged records (row ids; negative: ``-seq`` of a hot record) and segments; returns how
+        many records were still present."""
+        rows = [i for i in ids if i > 0]
+        forgotten = 0
+        if self.hot is not None and len(rows) < len(ids):
+            hot = [-i for i in ids if i < 0]
+            before = len(self.hot.records)
+            spilled = self.hot.acknowledged(hot)
+            forgotten = before - len(self.hot.records) - len(spilled)
+            if spilled:  # spilled while in flight: the row goes too
+                forgotten += await self._db.run(_acknowledge_seqs, self.hot.stream, spilled)
+        if not rows and not segment_ids:
+            return forgotten
+        return forgotten + await self._db.run(_acknowledge, rows, list(segment_ids))
 
     async def seal_next(self, pack: Pack, max_bytes: int, device: str) -> Sealed | None:
         """Replace a full message's worth of a stream's oldest telemetry rows by one segment, packed by
@@ -291,7 +433,32 @@ class Outbox:
         return await self._db.run(segments.select_after, after_id, limit)
 
     async def depth(self) -> list[StreamDepth]:
-        return await self._db.run(_depth)
+        depths = await self._db.run(_depth)
+        tier = self.hot
+        if tier is None or not tier.records:
+            return depths
+        held = tier.held()
+        oldest = tier.oldest_wall_ns()
+        merged = [
+            StreamDepth(
+                d.stream,
+                d.depth + held,
+                max(d.last_seq, tier.next_seq - 1),
+                oldest
+                if d.oldest_wall_ns is None or (oldest is not None and oldest < d.oldest_wall_ns)
+                else d.oldest_wall_ns,
+                d.bytes,
+                d.evicted,
+                d.packed,
+            )
+            if d.stream == tier.stream
+            else d
+            for d in depths
+        ]
+        if all(d.stream != tier.stream for d in depths):
+            merged.append(StreamDepth(tier.stream, held, tier.next_seq - 1, oldest))
+            merged.sort(key=lambda d: d.stream)
+        return merged
 
     async def take_evictions(self) -> dict[str, Eviction]:
         """Evictions since the last call (read on the store thread, where they are made)."""
@@ -306,7 +473,10 @@ class Outbox:
         """Records of this boot taken before ``before_mono_ns`` with untrusted wall time get
         ``wall_ns = mono_ns + offset_ns`` and are marked corrected; returns how many."""
         await self.drain_pending()
-        return await self._db.run(_correct_wall_times, self._writer.boot_id, offset_ns, before_mono_ns)
+        in_memory = self.hot.correct(offset_ns, before_mono_ns) if self.hot is not None else 0
+        return in_memory + await self._db.run(
+            _correct_wall_times, self._writer.boot_id, offset_ns, before_mono_ns
+        )
 
 
 def _next_batch(conn: sqlite3.Connection, limit: int) -> list[StoredRecord]:
@@ -401,6 +571,25 @@ def _acknowledge(conn: sqlite3.Connection, ids: list[int], segment_ids: list[int
         return transaction(conn, body)
     finally:
         conn.execute(f"PRAGMA secure_delete = {int(before)}")
+
+
+def _acknowledge_seqs(conn: sqlite3.Connection, stream: str, seqs: list[int]) -> int:
+    """Delete a stream's rows by seq (hot records spilled while in flight, then acknowledged)."""
+
+    def body(conn: sqlite3.Connection) -> int:
+        row = conn.execute("SELECT id FROM streams WHERE name = ?", (stream,)).fetchone()
+        if row is None:
+            return 0
+        match = "FROM outbox WHERE stream_id = ? AND seq IN (SELECT value FROM json_each(?))"
+        params = (row[0], json.dumps(seqs))
+        n, size = conn.execute(
+            f"SELECT count(*), coalesce(sum(length(payload)), 0) {match}", params
+        ).fetchone()
+        conn.execute(f"DELETE {match}", params)
+        conn.execute("UPDATE streams SET bytes = bytes - ? WHERE id = ?", (size + n * ROW_OVERHEAD, row[0]))
+        return int(n)
+
+    return transaction(conn, body)
 
 
 def _correct_wall_times(conn: sqlite3.Connection, boot_id: str, offset_ns: int, before_mono_ns: int) -> int:

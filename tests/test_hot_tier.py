@@ -1,0 +1,294 @@
+"""The outbox's hot tier (sync/store/hot.py): live telemetry in memory until the broker acknowledges it.
+
+First with a real outbox and no broker: the encoding is the store's byte for byte, what is due spills with its
+numbers, sequence numbers are reserved on disk before use and an unclean stop skips what was reserved. Then
+the real daemon with gpsd (gpsfake) for readings, a real broker behind a proxy that can cut the link, and a
+consumer: online, no telemetry row is ever written; offline, readings spill and drain when the link returns;
+after a kill -9 the skipped range is announced and no number is used twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+import zlib
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_telemetry_daemon import vehicle_config
+
+from fleetgate.daemon.runtime.readings import STREAM, ReadingSink
+from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, Stamp
+from fleetgate.sync.store.hot import SEQ_BLOCK, SkippedSeqs
+from fleetgate.sync.store.outbox import HOT_RESERVED_PREFIX
+
+from conftest import wait_until
+from gpsfake_fixture import Gpsfake, moving_route
+from mosquitto_fixture import Mosquitto
+from mqtt_consumer import Consumer
+from tcp_proxy import TcpProxy
+
+WALL = 1_796_378_400_123_456_789  # 2026-12-04T10:00:00.123Z
+
+
+def reading(i: int, trusted: bool = True) -> NewRecord:
+    payload = json.dumps({"signal": "rpm", "value": 800 + i, "unit": "rpm"}, separators=(",", ":")).encode()
+    return NewRecord(
+        STREAM, Priority.TELEMETRY, Stamp(WALL + i * 10**9, 5 * 10**9 + i * 10**9, trusted), payload
+    )
+
+
+def rows(db: Path, stream: str = STREAM) -> list[tuple[int, bool]]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(
+            "SELECT o.seq, o.time_corrected FROM outbox o JOIN streams s ON s.id = o.stream_id WHERE s.name = ?"
+            " ORDER BY o.seq",
+            (stream,),
+        ).fetchall()
+
+
+def with_outbox(tmp_path: Path, body: Any, window_s: float = 60.0, max_records: int = 1000) -> Any:
+    async def main() -> Any:
+        db = await Database.open(tmp_path / "fleetgate.db")
+        try:
+            outbox = Outbox(db, boot_id="0f7e3a52-1111-4222-8333-944455556666")
+            skipped = await outbox.enable_hot(STREAM, window_s, max_records)
+            return await body(outbox, skipped)
+        finally:
+            await db.close()
+
+    return asyncio.run(main())
+
+
+def test_a_hot_record_is_encoded_as_the_store_encodes_its_row(tmp_path: Path) -> None:
+    async def body(outbox: Outbox, _skipped: Any) -> None:
+        await outbox.append_hot([reading(0), reading(1, trusted=False)])
+        assert outbox.hot is not None
+        hot = outbox.hot.take(10)
+        assert [r[0] for r in hot] == [-1, -2] and outbox.hot.take(10) == []  # in flight now
+        outbox.hot.release([1, 2])
+        assert await outbox.spill(everything=True) == 2
+        stored = await outbox.encoded_after(-1, 0, 10)
+        assert [r[3] for r in stored] == [r[3] for r in hot]
+        assert json.loads(hot[0][3])["ts"] == "2026-12-04T10:00:00.123Z"
+
+    with_outbox(tmp_path, body)
+
+
+def test_nothing_is_written_until_a_record_is_due_then_it_spills_with_its_number(tmp_path: Path) -> None:
+    db = tmp_path / "fleetgate.db"
+
+    async def body(outbox: Outbox, skipped: Any) -> None:
+        assert skipped is None
+        commits = outbox.commits
+        await outbox.append_hot([reading(i) for i in range(5)])
+        assert outbox.commits == commits + 1  # the seq reservation, once for SEQ_BLOCK numbers
+        await outbox.append_hot([reading(i) for i in range(5, 8)])
+        assert outbox.commits == commits + 1 and rows(db) == []
+        assert outbox.hot is not None
+        assert await outbox.spill() == 0  # nothing is older than the window
+        depth = {d.stream: d for d in await outbox.depth()}[STREAM]
+        assert depth.depth == 8 and depth.last_seq == 8
+
+        # Seqs 1-3 go out and are acknowledged; 4-5 are in flight when the window passes; 6-8 wait.
+        out = outbox.hot.take(5)
+        await outbox.acknowledge([r[0] for r in out[:3]])
+        outbox.hot.window_s = 0.0
+        assert await outbox.spill() == 5
+        assert rows(db) == [(4, 0), (5, 0), (6, 0), (7, 0), (8, 0)]
+        assert outbox.hot.take(10) == []  # in flight or stored: nothing more to send from memory
+        # 4 is acknowledged after all: its row goes; 5's publish fails: the stored copy is the one left.
+        assert await outbox.acknowledge([-4]) == 1
+        outbox.release_hot([-5])
+        assert rows(db) == [(5, 0), (6, 0), (7, 0), (8, 0)] and len(outbox.hot.records) == 0
+
+    with_outbox(tmp_path, body)
+
+
+def test_memory_stays_bounded_while_the_link_is_down(tmp_path: Path) -> None:
+    db = tmp_path / "fleetgate.db"
+
+    async def body(outbox: Outbox, _skipped: Any) -> None:
+        await outbox.append_hot([reading(i) for i in range(25)])
+        assert await outbox.spill() == 15  # young, but beyond max_records: the oldest go to the store
+        assert [seq for seq, _ in rows(db)] == list(range(1, 16))
+        assert outbox.hot is not None and list(outbox.hot.records) == list(range(16, 26))
+
+    with_outbox(tmp_path, body, max_records=10)
+
+
+def test_a_clean_stop_stores_what_is_in_memory_and_gives_the_reservation_back(tmp_path: Path) -> None:
+    db = tmp_path / "fleetgate.db"
+
+    async def first(outbox: Outbox, _skipped: Any) -> None:
+        await outbox.append_hot([reading(i) for i in range(3)])
+        assert outbox.hot is not None
+        await outbox.acknowledge([r[0] for r in outbox.hot.take(2)])  # 1 and 2 delivered
+        await outbox.spill(everything=True)
+
+    with_outbox(tmp_path, first)
+    assert rows(db) == [(3, 0)]
+
+    async def second(outbox: Outbox, skipped: Any) -> None:
+        assert skipped is None  # no gap: the next number follows the last one used
+        await outbox.append_hot([reading(9)])
+        assert outbox.hot is not None and list(outbox.hot.records) == [4]
+
+    with_outbox(tmp_path, second)
+
+
+def test_an_unclean_stop_skips_every_reserved_number(tmp_path: Path) -> None:
+    """A number handed out may have reached the broker while nothing of it reached the disk: after a crash
+    none of the reserved ones is used again, and the skipped range is reported."""
+
+    async def crashed(outbox: Outbox, _skipped: Any) -> None:
+        await outbox.append_hot([reading(i) for i in range(3)])  # in memory only, then the "power cut"
+
+    with_outbox(tmp_path, crashed)
+    assert rows(tmp_path / "fleetgate.db") == []
+
+    async def after(outbox: Outbox, skipped: SkippedSeqs | None) -> None:
+        assert skipped == SkippedSeqs(STREAM, 1, 3 + SEQ_BLOCK)
+        await outbox.append_hot([reading(0)])
+        assert outbox.hot is not None and list(outbox.hot.records) == [4 + SEQ_BLOCK]
+        streams = {d.stream: d for d in await outbox.depth()}
+        assert streams[STREAM].last_seq == 4 + SEQ_BLOCK
+
+    with_outbox(tmp_path, after)
+
+    async def again(outbox: Outbox, skipped: SkippedSeqs | None) -> None:  # crashed again, right away
+        assert skipped is not None and skipped.first == 4 + SEQ_BLOCK
+
+    with_outbox(tmp_path, again)
+
+
+def test_an_unreadable_reservation_skips_nothing_it_cannot_prove(tmp_path: Path) -> None:
+    async def garbled(outbox: Outbox, _skipped: Any) -> None:
+        await outbox.append([], {HOT_RESERVED_PREFIX + STREAM: "not a number"})
+
+    with_outbox(tmp_path, garbled)
+    assert with_outbox(tmp_path, lambda _o, skipped: asyncio.sleep(0, skipped)) is None
+
+
+def test_trust_corrects_readings_in_memory_as_it_does_rows(tmp_path: Path) -> None:
+    db = tmp_path / "fleetgate.db"
+
+    async def body(outbox: Outbox, _skipped: Any) -> None:
+        await outbox.append_hot([reading(0, trusted=False), reading(1, trusted=True)])
+        offset = 1_000 * 10**9
+        assert await outbox.correct_wall_times(offset, before_mono_ns=10**12) == 1
+        assert outbox.hot is not None
+        first, second = (json.loads(r[3]) for r in outbox.hot.take(2))
+        assert first["corrected"] is True and first["wall_ns"] == first["mono_ns"] + offset
+        assert second["corrected"] is False
+        outbox.release_hot([-1, -2])
+        await outbox.spill(everything=True)
+        assert rows(db) == [(1, 1), (2, 0)]
+
+    with_outbox(tmp_path, body)
+
+
+def test_without_a_hot_tier_the_sink_commits_as_before(tmp_path: Path) -> None:
+    from fleetgate.daemon.runtime.clock import Clock
+
+    async def main() -> None:
+        db = await Database.open(tmp_path / "fleetgate.db")
+        try:
+            sink = ReadingSink(Outbox(db), Clock())
+            sink.add("rpm", 900)
+            assert await sink.flush() == 1
+        finally:
+            await db.close()
+
+    asyncio.run(main())
+    assert rows(tmp_path / "fleetgate.db") == [(1, 0)]
+
+
+# -- the real daemon -----------------------------------------------------------------------------------------
+
+
+def telemetry_seqs(messages: list) -> dict[int, set[bytes]]:
+    """Each telemetry seq the consumer got, with the distinct record bodies it came with."""
+    seen: dict[int, set[bytes]] = defaultdict(set)
+    for topic, payload, _qos, _retain, props in messages:
+        if not topic.endswith("/up/telemetry"):
+            continue
+        zipped = ("content-encoding", "zlib") in props.get("UserProperty", [])
+        for record in json.loads(zlib.decompress(payload) if zipped else payload)["records"]:
+            seen[record["seq"]].add(
+                json.dumps(record["data"], sort_keys=True).encode() + str(record["mono_ns"]).encode()
+            )
+    return seen
+
+
+def skipped_events(messages: list) -> list[dict[str, Any]]:
+    out = []
+    for topic, payload, _qos, _retain, props in messages:
+        if topic.endswith("/up/events"):
+            zipped = ("content-encoding", "zlib") in props.get("UserProperty", [])
+            body = json.loads(zlib.decompress(payload) if zipped else payload)
+            out += [r["data"] for r in body["records"] if r["data"]["event"] == "records-skipped"]
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_live_telemetry_never_touches_the_store_online_and_spills_offline(tmp_path, start_daemon) -> None:
+    db = tmp_path / "state" / "fleetgate.db"
+    path, _route = moving_route(tmp_path)
+    with (
+        Gpsfake(path, cycle_s=0.05) as gps,
+        Mosquitto() as broker,
+        Consumer("127.0.0.1", broker.port, "fleetgate/v1/test-0001/#") as consumer,
+        TcpProxy("127.0.0.1", broker.port) as proxy,
+    ):
+        config = vehicle_config(tmp_path, None, gps.port)
+        config.write_text(
+            config.read_text()
+            + f"""
+[mqtt]
+enabled = true
+host = "127.0.0.1"
+port = {proxy.port}
+tls = false
+keepalive_s = 5
+connect_timeout_s = 2
+live_batch_s = 0.5
+memory_window_s = 2
+"""
+        )
+        daemon = start_daemon(config)
+        daemon.wait_ready()
+
+        def memory() -> dict[str, Any]:
+            done = daemon.cli("status", "--json")
+            return json.loads(done.stdout)["outbox"]["memory"]
+
+        wait_until("readings acknowledged from memory", lambda: memory()["acknowledged"] > 50, timeout=60)
+        assert memory()["spilled"] == 0 and rows(db) == []  # online: not one telemetry row written
+
+        proxy.cut("reset")
+        wait_until("readings spilled while offline", lambda: memory()["spilled"] > 20, timeout=60)
+        assert rows(db)
+        proxy.restore()
+        wait_until("the spilled backlog drained", lambda: rows(db) == [], timeout=60)
+
+        last = max(telemetry_seqs(consumer.messages))
+        daemon.kill()  # with live readings in memory
+        daemon = start_daemon(config)
+        daemon.wait_ready()
+        wait_until("readings after the restart", lambda: max(telemetry_seqs(consumer.messages)) > last + 20)
+        [skipped] = wait_until("records-skipped", lambda: skipped_events(consumer.messages), timeout=30)
+        daemon.terminate()
+        time.sleep(0.5)
+        messages = consumer.messages
+
+    seen = telemetry_seqs(messages)
+    assert all(len(bodies) == 1 for bodies in seen.values()), "a seq was used for two different readings"
+    assert skipped["stream"] == "telemetry" and skipped["first_seq"] <= last + 1 <= skipped["last_seq"]
+    assert max(seen) > skipped["last_seq"]  # the restarted daemon numbers on after the skipped range
+    before = sorted(s for s in seen if s <= last)
+    assert before == list(range(1, last + 1)), "a reading acknowledged or spilled before the kill is missing"
