@@ -315,6 +315,12 @@ class MqttConfig(Section):
         description="Live telemetry goes out at most this long after it is taken, the readings of that time "
         "in one message: longer means fewer, larger messages (fewer bytes on a metered link).",
     )
+    live_encoding: Literal["compact", "json"] = Field(
+        "compact",
+        description="Live telemetry messages: 'compact' (envelope version 2: numbers as deltas from one base, "
+        "zlib with a preset dictionary; ~4x fewer bytes) or 'json' (version 1, as the backlog), for consumers "
+        "that do not read version 2 yet (docs/mqtt.md).",
+    )
     memory_window_s: Float = Field(
         5.0,
         ge=0,

@@ -22,6 +22,7 @@ from test_uplink_daemon import decode
 
 from fleetgate.sync.crypto.device_keys import device_public_key_b64, generate_secret_file
 from fleetgate.sync.crypto.session_set import seal_session_set
+from fleetgate.sync.mqtt.envelope import expand
 
 from conftest import FLEETGATE, wait_until, write_config
 from mosquitto_fixture import Mosquitto, free_port
@@ -172,7 +173,7 @@ def records(consumer, stream: str) -> list[dict[str, Any]]:
         if topic.endswith(f"/up/{stream}"):
             envelope = decode(topic, payload, props)
             check_envelope(envelope, topic=topic)
-            out += [r["data"] for r in envelope["records"]]
+            out += [r["data"] for r in expand(envelope)]
     return out
 
 

@@ -27,6 +27,7 @@ from test_uplink_daemon import decode
 
 from fleetgate.daemon.runtime.control_protocol import request
 from fleetgate.sync.crypto.device_keys import generate_secret_file
+from fleetgate.sync.mqtt.envelope import expand
 
 from conftest import wait_until, write_config
 from mosquitto_fixture import free_port
@@ -45,7 +46,7 @@ def unique_records(consumer, stream: str) -> list[dict[str, Any]]:
         if topic.endswith(f"/up/{stream}"):
             envelope = decode(topic, payload, props)
             check_envelope(envelope, topic=topic)
-            for record in envelope["records"]:
+            for record in expand(envelope):
                 seen[(envelope.get("store", ""), record["seq"])] = record["data"]
     return list(seen.values())
 

@@ -22,6 +22,7 @@ import pytest
 from test_telemetry_daemon import vehicle_config
 
 from fleetgate.daemon.runtime.readings import STREAM, ReadingSink
+from fleetgate.sync.mqtt.envelope import ZDICT, expand
 from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, Stamp
 from fleetgate.sync.store.hot import SEQ_BLOCK, SkippedSeqs
 from fleetgate.sync.store.outbox import HOT_RESERVED_PREFIX
@@ -211,14 +212,20 @@ def test_without_a_hot_tier_the_sink_commits_as_before(tmp_path: Path) -> None:
 # -- the real daemon -----------------------------------------------------------------------------------------
 
 
+def decoded(payload: bytes, props: dict[str, Any]) -> dict[str, Any]:
+    """docs/mqtt.md: inflate (with the compact envelope's preset dictionary) when the property says zlib."""
+    if ("content-encoding", "zlib") in props.get("UserProperty", []):
+        payload = zlib.decompressobj(zdict=ZDICT).decompress(payload)
+    return json.loads(payload)
+
+
 def telemetry_seqs(messages: list) -> dict[int, set[bytes]]:
     """Each telemetry seq the consumer got, with the distinct record bodies it came with."""
     seen: dict[int, set[bytes]] = defaultdict(set)
     for topic, payload, _qos, _retain, props in messages:
         if not topic.endswith("/up/telemetry"):
             continue
-        zipped = ("content-encoding", "zlib") in props.get("UserProperty", [])
-        for record in json.loads(zlib.decompress(payload) if zipped else payload)["records"]:
+        for record in expand(decoded(payload, props)):
             seen[record["seq"]].add(
                 json.dumps(record["data"], sort_keys=True).encode() + str(record["mono_ns"]).encode()
             )
@@ -229,8 +236,7 @@ def skipped_events(messages: list) -> list[dict[str, Any]]:
     out = []
     for topic, payload, _qos, _retain, props in messages:
         if topic.endswith("/up/events"):
-            zipped = ("content-encoding", "zlib") in props.get("UserProperty", [])
-            body = json.loads(zlib.decompress(payload) if zipped else payload)
+            body = decoded(payload, props)
             out += [r["data"] for r in body["records"] if r["data"]["event"] == "records-skipped"]
     return out
 

@@ -10,6 +10,7 @@ document does not name, so a field the code starts sending cannot go undocumente
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import copy
 import json
 import re
@@ -26,7 +27,8 @@ from jsonschema import Draft202012Validator
 from fleetgate.config.signals import CATALOGUE
 from fleetgate.daemon.runtime.clock import Clock
 from fleetgate.daemon.runtime.readings import ReadingSink
-from fleetgate.sync.mqtt.envelope import pack_rows
+from fleetgate.sync.mqtt import envelope as envelope_module
+from fleetgate.sync.mqtt.envelope import ZDICT, expand, pack_compact, pack_rows
 from fleetgate.sync.store import Database, Outbox
 
 from conftest import daemon_config, wait_until
@@ -52,6 +54,7 @@ STREAM_SCHEMA = {
     "scooter-results": "scooter-result",
 }
 ZLIB = ("content-encoding", "zlib")
+ZDICT_PATH = Path(envelope_module.__file__).with_name("telemetry-v2.zdict")
 
 
 # -- reading the document -----------------------------------------------------------------------------
@@ -133,13 +136,20 @@ def iso_ms(wall_ns: int) -> str:
 
 
 def check_envelope(envelope: dict, *, topic: str | None = None, strict: bool = True) -> None:
-    check("envelope", envelope, strict=strict)
+    """Version 1, or version 2 (compact live telemetry) whose expanded records are checked as version 1's."""
+    compact = envelope.get("v") == 2
+    check("envelope-compact" if compact else "envelope", envelope, strict=strict)
     if topic is not None:
         assert topic == f"{TOPIC_ROOT}/{envelope['device']}/up/{envelope['stream']}"
-    seqs = [r["seq"] for r in envelope["records"]]
+    records = expand(envelope)
+    seqs = [r["seq"] for r in records]
     assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs), f"records not in ascending seq: {seqs}"
-    for record in envelope["records"]:
-        assert record["ts"] == iso_ms(record["wall_ns"]), record
+    for record in records:
+        if compact:
+            check("envelope", {**envelope, "v": 1, "records": [{**record, "ts": iso_ms(record["wall_ns"])}]},
+                  strict=False)  # fmt: skip
+        else:
+            assert record["ts"] == iso_ms(record["wall_ns"]), record
         assert not (record["trusted"] and record["corrected"]), record
         if envelope["stream"] in STREAM_SCHEMA:
             check(STREAM_SCHEMA[envelope["stream"]], record["data"], strict=strict)
@@ -258,12 +268,64 @@ def test_telemetry_records_from_a_real_outbox_match_the_contract(tmp_path):
         assert {r["data"]["signal"] for r in delivered} == set(CATALOGUE)
 
 
+def test_compact_live_telemetry_expands_to_the_records_version_1_carries(tmp_path):
+    """Envelope version 2 from the real hot tier and packer: valid against its schema, and expanded (by the
+    document's own consumer sketch too) exactly the records version 1 encodes, less ts."""
+    samples: dict[str, Any] = {
+        "gps_position": {"latitude": 52.520008, "longitude": 13.404954, "altitude": None},
+        "gps_fix_mode": 3,
+        "gps_satellites": 9,
+    }
+
+    async def main() -> tuple[list[dict], list, str]:
+        db = await Database.open(tmp_path / "t.db")
+        try:
+            clock = Clock()
+            outbox = Outbox(db)
+            await outbox.enable_hot("telemetry", 60.0, 10_000)
+            sink = ReadingSink(outbox, clock)
+            for name in CATALOGUE:
+                sink.add(name, samples.get(name, 12.5))
+            await sink.flush()
+            clock.set_ntp(True)
+            for rpm in range(800, 3000, 25):
+                sink.add("rpm", rpm)
+            await sink.flush()
+            trust = clock.trust
+            assert trust.offset_ns is not None and trust.since_mono_ns is not None
+            await outbox.correct_wall_times(trust.offset_ns, trust.since_mono_ns)
+            hot = outbox.hot
+            assert hot is not None
+            records = hot.take_records(10_000)
+            version_1 = [json.loads(hot.encode(r)) for r in records]
+            messages = list(pack_compact(DEVICE, db.store_id, "telemetry", hot.boot_id, records, 1024))
+            return version_1, messages, db.store_id
+        finally:
+            await db.close()
+
+    version_1, messages, _store = asyncio.run(main())
+    assert len(messages) > 1 and all(m.compressed for m in messages)  # split by size; always compressed
+    topic = f"{TOPIC_ROOT}/{DEVICE}/up/telemetry"
+    props = {"ContentType": "application/json", "PayloadFormatIndicator": 0, "UserProperty": [ZLIB]}
+    expanded = []
+    for message in messages:
+        envelope = check_message(topic, message.payload, 1, props)
+        assert envelope["v"] == 2
+        expanded += expand(envelope)
+    assert {(r["trusted"], r["corrected"]) for r in expanded} == {(False, True), (True, False)}
+    assert expanded == [{k: v for k, v in r.items() if k != "ts"} for r in version_1]
+    stored, _health, _acked = run_sketch([(topic, m.payload, 1, False, props) for m in messages])
+    assert stored == Counter({(DEVICE, "telemetry", r["seq"]): 1 for r in version_1})
+
+
 # -- real traffic: a daemon, a broker, a subscriber ------------------------------------------------------
 
 
 def raw(payload: bytes, props: dict[str, Any]) -> bytes:
     """docs/mqtt.md, "Encoding and compression": zlib exactly when the user property says so."""
-    return zlib.decompress(payload) if ZLIB in props.get("UserProperty", []) else payload
+    if ZLIB not in props.get("UserProperty", []):
+        return payload
+    return zlib.decompressobj(zdict=ZDICT).decompress(payload)  # reads both, with the dictionary or without
 
 
 def decode(payload: bytes, props: dict[str, Any]) -> Any:
@@ -308,7 +370,8 @@ def check_message(topic: str, payload: bytes, qos: int, props: dict[str, Any]) -
 def run_sketch(messages: list) -> tuple[Counter, list[tuple[str, dict]], list[tuple[int, int]]]:
     """The consumer sketch of docs/mqtt.md, fed every real message twice (a duplicate of everything)."""
     namespace: dict[str, Any] = {"__name__": "mqtt_md_consumer"}
-    exec(compile(SKETCH, f"{DOC}#consumer", "exec"), namespace)  # noqa: S102 - the document's own code
+    with contextlib.chdir(Path(ZDICT_PATH).parent):  # the sketch reads the dictionary from its folder
+        exec(compile(SKETCH, f"{DOC}#consumer", "exec"), namespace)  # noqa: S102 - the document's own code
     stored: Counter = Counter()
     health: list[tuple[str, dict]] = []
     acked: list[tuple[int, int]] = []

@@ -38,6 +38,6 @@ def test_wheel_contains_every_module_and_shipped_config(tmp_path):
         f"{target}/{path.relative_to(ROOT / folder).as_posix()}"
         for folder, target in MAPPED.items()
         for path in (ROOT / folder).rglob("*")
-        if path.suffix in (".py", ".toml") and "__pycache__" not in path.parts
+        if path.suffix in (".py", ".toml", ".zdict") and "__pycache__" not in path.parts
     }
     assert expected - names == set()

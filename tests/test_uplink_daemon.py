@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from fleetgate.sync.mqtt.envelope import ZDICT, expand
 from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, Stamp
 
 from conftest import daemon_config, wait_until
@@ -35,9 +36,10 @@ DEVICE = "test-0001"
 
 
 def decode(topic: str, payload: bytes, props: dict[str, Any]) -> dict[str, Any]:
-    """docs/mqtt.md: zlib when the user property content-encoding says so, then the JSON envelope."""
+    """docs/mqtt.md: zlib when the user property content-encoding says so (with the compact envelope's preset
+    dictionary, which reads the others too), then the JSON envelope."""
     if ("content-encoding", "zlib") in props.get("UserProperty", []):
-        payload = zlib.decompress(payload)
+        payload = zlib.decompressobj(zdict=ZDICT).decompress(payload)
     return json.loads(payload)
 
 
@@ -49,9 +51,9 @@ def delivered(messages: list) -> tuple[dict[str, set[int]], Counter]:
         if "/up/" not in topic:
             continue
         envelope = decode(topic, payload, props)
-        assert envelope["v"] == 1 and envelope["device"] == DEVICE
+        assert envelope["v"] in (1, 2) and envelope["device"] == DEVICE
         assert topic.endswith(f"/up/{envelope['stream']}")
-        for record in envelope["records"]:
+        for record in expand(envelope):
             seen.setdefault(envelope["stream"], set()).add(record["seq"])
             copies[(envelope["stream"], record["seq"])] += 1
     return seen, copies
@@ -106,7 +108,7 @@ def held_records(db: Path) -> tuple[dict[str, int], Counter, Counter]:
         ):
             envelope = json.loads(zlib.decompress(payload) if compressed else payload)
             assert envelope["stream"] == name and envelope["device"] == DEVICE
-            sealed.update((name, r["seq"]) for r in envelope["records"])
+            sealed.update((name, r["seq"]) for r in expand(envelope))
     finally:
         conn.close()
     return last, rows, sealed

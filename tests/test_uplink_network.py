@@ -29,6 +29,8 @@ from test_uplink_daemon import (
     wait_until,
 )
 
+from fleetgate.sync.mqtt.envelope import expand
+
 from conftest import Daemon
 from mosquitto_fixture import Mosquitto, free_port, make_tls
 from mqtt_consumer import Consumer
@@ -224,7 +226,7 @@ def test_live_data_overtakes_a_large_backlog_and_events_go_first(tmp_path, start
             record["seq"]
             for topic, payload, _q, _r, props in ups[:first_telemetry]
             if topic.endswith("/up/events")
-            for record in decode(topic, payload, props)["records"]
+            for record in expand(decode(topic, payload, props))
         }
         assert set(range(1, events + 1)) <= early_events, "events did not drain before telemetry"
         daemon.terminate()

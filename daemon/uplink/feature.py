@@ -54,6 +54,7 @@ async def build(core: Core) -> FeatureParts:
         mq.live_share,
         store_id,
         mq.live_batch_s,
+        mq.live_encoding == "compact",
     )
     uplink = Uplink(
         mq,
@@ -77,7 +78,9 @@ async def build(core: Core) -> FeatureParts:
     parts.components.append(NetWatch(reconnect_now))
     if spiller is not None:
         parts.components.append(spiller)
-        parts.status["outbox.memory"] = lambda snap: None if core.outbox.hot is None else core.outbox.hot.snapshot()
+        parts.status["outbox.memory"] = lambda snap: (
+            None if core.outbox.hot is None else core.outbox.hot.snapshot()
+        )
     return parts
 
 

@@ -14,6 +14,7 @@ Acknowledged ids are deleted in coalesced transactions; one lost in a crash is m
 Live telemetry in the outbox's hot tier (sync/store/hot.py) never touches the store on its way: it is
 published from memory once its oldest record is ``live_batch_s`` old (or a batch is full), under negative
 ids (``-seq``), and forgotten on PUBACK; what the drain leaves in flight when it stops goes back to the tier.
+With ``compact_live`` those messages are compact ones (envelope version 2, envelope.pack_compact).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetgate.sync.mqtt.envelope import Message, pack_encoded, pack_rows, reheaded
+from fleetgate.sync.mqtt.envelope import Message, pack_compact, pack_encoded, pack_rows, reheaded
 from fleetgate.sync.store import Outbox, Priority
 from fleetgate.sync.store.segments import Segment
 from fleetgate.sync.store.wire import EncodedRow
@@ -82,6 +83,7 @@ class Drain:
         live_share: float,
         store_id: str,
         live_batch_s: float = 0.0,
+        compact_live: bool = False,
     ) -> None:
         self._outbox = outbox
         self._device = device
@@ -91,6 +93,7 @@ class Drain:
         self._compress_min = compress_min_bytes
         self._live_every = 0 if live_share <= 0 else max(1, round(1 / live_share))
         self._live_batch_s = live_batch_s
+        self._compact_live = compact_live
         self._segment_page = max(2, min(FETCH_SEGMENTS, PAGE_BYTES // max_message_bytes))
         self.stats = DrainStats()
         self.wake = asyncio.Event()  # "sync now"
@@ -204,6 +207,11 @@ class Drain:
     def _pack_hot(self) -> list[Message]:
         hot = self._outbox.hot
         assert hot is not None
+        if self._compact_live:
+            records = hot.take_records(HOT_BATCH_MAX)
+            return list(
+                pack_compact(self._device, self._store_id, hot.stream, hot.boot_id, records, self._max_bytes)
+            )
         rows = hot.take(HOT_BATCH_MAX)  # in seq order: packed as they are (pack_rows would sort by id)
         return list(
             pack_encoded(

@@ -21,10 +21,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import groupby
 from operator import itemgetter
+from pathlib import Path
 
+from fleetgate.sync.store.hot import HotRecord
 from fleetgate.sync.store.wire import EncodedRow
 
 ENVELOPE_VERSION = 1
+COMPACT_VERSION = 2
+# The preset dictionary of compact messages (docs/mqtt.md, "Compact live telemetry"): fixed for version 2.
+ZDICT = (Path(__file__).with_name("telemetry-v2.zdict")).read_bytes()
+COMPACT_LEVEL = 9
 CONTENT_TYPE = "application/json"
 DRAIN_LEVEL = 1
 SEAL_LEVEL = 6
@@ -109,3 +115,60 @@ def pack_encoded(
         size += len(encoded) + 1
     if ids:
         yield finish()
+
+
+def pack_compact(
+    device: str, store: str, stream: str, boot: str, records: Sequence[HotRecord], max_bytes: int
+) -> Iterator[Message]:
+    """Live records (in seq order) into compact messages, envelope version 2 (docs/mqtt.md): one base
+    (seq, wall_ns, mono_ns) and each record as ``[dseq, dwall_ns, dmono_ns - dwall_ns, flags, data]`` from the
+    one before, compressed with the preset dictionary ``ZDICT``. Record ids are ``-seq`` (the hot tier's)."""
+    if not records:
+        return
+    start = 0
+    size = 0
+    for i, record in enumerate(records):
+        size += len(record.payload) + 40  # the numbers around it, at most
+        if i > start and size > max_bytes:
+            yield _compact(device, store, stream, boot, records[start:i])
+            start, size = i, len(record.payload) + 40
+    yield _compact(device, store, stream, boot, records[start:])
+
+
+def _compact(device: str, store: str, stream: str, boot: str, records: Sequence[HotRecord]) -> Message:
+    first = records[0]
+    head = (
+        f'{{"v":{COMPACT_VERSION},"device":{json.dumps(device)},"store":{json.dumps(store)},'
+        f'"stream":{json.dumps(stream)},"boot":{json.dumps(boot)},'
+        f'"base":{{"seq":{first.seq},"wall_ns":{first.wall_ns},"mono_ns":{first.mono_ns}}},"records":['
+    ).encode()
+    parts = []
+    seq, wall, mono = first.seq, first.wall_ns, first.mono_ns
+    for r in records:
+        dwall = r.wall_ns - wall
+        flags = (1 if r.trusted else 0) | (2 if r.corrected else 0)
+        parts.append(
+            f"[{r.seq - seq},{dwall},{r.mono_ns - mono - dwall},{flags},".encode() + r.payload + b"]"
+        )
+        seq, wall, mono = r.seq, r.wall_ns, r.mono_ns
+    body = head + b",".join(parts) + b"]}"
+    packer = zlib.compressobj(COMPACT_LEVEL, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, ZDICT)
+    payload = packer.compress(body) + packer.flush()
+    return Message(stream, [-r.seq for r in records], payload, True)
+
+
+def expand(envelope: dict) -> list[dict]:
+    """The records of an envelope of either version as version 1 writes them (without ``ts``): what a
+    consumer does with a compact message (docs/mqtt.md shows the same few lines)."""
+    if envelope["v"] == ENVELOPE_VERSION:
+        return list(envelope["records"])
+    base = envelope["base"]
+    seq, wall, mono = base["seq"], base["wall_ns"], base["mono_ns"]
+    out = []
+    for dseq, dwall, dmono, flags, data in envelope["records"]:
+        seq, wall, mono = seq + dseq, wall + dwall, mono + dwall + dmono
+        out.append(
+            {"seq": seq, "wall_ns": wall, "mono_ns": mono, "boot": envelope["boot"],
+             "trusted": bool(flags & 1), "corrected": bool(flags & 2), "data": data}
+        )  # fmt: skip
+    return out

@@ -58,6 +58,7 @@ class HotTier:
         self.stream = stream
         self.window_s = window_s
         self.max_records = max_records
+        self.boot_id = boot_id
         self._boot = json.dumps(boot_id)
         self.records: dict[int, HotRecord] = {}  # by seq, in order
         self.next_seq = 1
@@ -91,17 +92,22 @@ class HotTier:
             return 0.0
         return max(0.0, waiting[0].taken + batch_s - time.monotonic())
 
-    def take(self, limit: int) -> list[EncodedRow]:
-        """Up to ``limit`` records not in flight, oldest first, encoded for the uplink and marked in flight."""
-        out: list[EncodedRow] = []
+    def take_records(self, limit: int) -> list[HotRecord]:
+        """Up to ``limit`` records not in flight, oldest first, marked in flight."""
+        out: list[HotRecord] = []
         for record in self.records.values():
             if record.in_flight:
                 continue
             record.in_flight = True
-            out.append((-record.seq, self.stream, int(Priority.TELEMETRY), self.encode(record)))
+            out.append(record)
             if len(out) >= limit:
                 break
         return out
+
+    def take(self, limit: int) -> list[EncodedRow]:
+        """As ``take_records``, each encoded as the store encodes a row (envelope version 1)."""
+        prio = int(Priority.TELEMETRY)
+        return [(-r.seq, self.stream, prio, self.encode(r)) for r in self.take_records(limit)]
 
     def encode(self, r: HotRecord) -> bytes:
         """The record as ``wire.ENCODED_RECORD`` encodes a row: byte for byte (tests/test_hot_tier.py)."""

@@ -42,6 +42,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from fleetgate.config.schema import DEFAULT_OBD_SCHEDULE
+from fleetgate.sync.mqtt.envelope import ZDICT, expand
 
 from benchlib import free_port, wait
 
@@ -107,12 +108,13 @@ class Consumer:
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         user = getattr(msg.properties, "UserProperty", None) or []
-        body = json.loads(
-            zlib.decompress(msg.payload) if ("content-encoding", "zlib") in user else msg.payload
-        )
+        payload = msg.payload
+        if ("content-encoding", "zlib") in user:  # with the compact envelope's dictionary: reads both
+            payload = zlib.decompressobj(zdict=ZDICT).decompress(payload)
+        body = json.loads(payload)
         with self._lock:
             self.messages += 1
-            for record in body["records"]:
+            for record in expand(body):
                 key = (body["store"], body["stream"], record["seq"])
                 if key in self.seen:
                     self.duplicates += 1
