@@ -242,10 +242,11 @@ class TripsConfig(Section):
         description="Speed samples further apart than this are not integrated into distance or acceleration.",
     )
     checkpoint_interval_s: Float = Field(
-        15.0,
+        60.0,
         gt=0,
         le=86_400,
-        description="How often a trip in progress is saved, so it survives a restart (seconds).",
+        description="How often a trip in progress is saved, so it survives a restart (seconds); a power cut "
+        "loses at most this much of its statistics. Each save writes ~2 KB to flash.",
     )
 
 
@@ -308,12 +309,20 @@ class MqttConfig(Section):
         description="Share of messages that carry the newest telemetry while a backlog drains, so live data "
         "overtakes the backlog. 0 (no live lane) or at least 0.001 (one message in 1000).",
     )
+    health_interval_s: Float = Field(
+        60.0,
+        ge=5,
+        le=3600,
+        description="The retained health message is published after each connect and then this often "
+        "(~500 bytes each time on a metered link; the Last Will says offline whatever this is).",
+    )
     live_batch_s: Float = Field(
-        1.0,
+        9.0,
         ge=0,
         le=60,
-        description="Live telemetry goes out at most this long after it is taken, the readings of that time "
-        "in one message: longer means fewer, larger messages (fewer bytes on a metered link).",
+        description="Live telemetry goes out at most this long after the sink hands it over (it gathers "
+        "readings for 1 s), the readings of that time in one message: longer means fewer, larger messages, "
+        "fewer bytes on a metered link (tools/bench/footprint.py); 0 sends each second's at once.",
     )
     live_encoding: Literal["compact", "json"] = Field(
         "compact",
@@ -322,7 +331,7 @@ class MqttConfig(Section):
         "that do not read version 2 yet (docs/mqtt.md).",
     )
     memory_window_s: Float = Field(
-        5.0,
+        12.0,
         ge=0,
         le=300,
         description="Live telemetry stays in memory, never written to flash, until the broker acknowledges "

@@ -52,8 +52,9 @@ def test_with_mqtt_the_uplink_adds_its_components_verb_and_status_sections(tmp_p
     assert snap["uplink"]["enabled"] is True and snap["uplink"]["online"] is False
     assert snap["uplink"]["eta_s"] == 0.0  # nothing waiting
     assert snap["outbox"]["packer"] == {"segments": 0, "records": 0, "bytes_saved": 0}
-    memory = snap["outbox"]["memory"]  # live telemetry held in memory until acknowledged (sync/store/hot.py)
-    assert memory["held"] == 0 and memory["window_s"] == 5.0
+    memory = snap["outbox"]["memory"]  # live records held in memory until acknowledged (sync/store/hot.py)
+    assert set(memory) == {"telemetry", "heartbeat"}
+    assert memory["telemetry"]["held"] == 0 and memory["telemetry"]["window_s"] == 12.0
 
 
 def test_a_depot_adds_the_segway_parts_and_takes_commands_only_with_signing_keys(tmp_path):

@@ -24,7 +24,7 @@ from test_telemetry_daemon import vehicle_config
 from fleetgate.daemon.runtime.readings import STREAM, ReadingSink
 from fleetgate.sync.mqtt.envelope import ZDICT, expand
 from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, Stamp
-from fleetgate.sync.store.hot import SEQ_BLOCK, SkippedSeqs
+from fleetgate.sync.store.hot import SEQ_BLOCK, SkippedSeqs, hot_id
 from fleetgate.sync.store.outbox import HOT_RESERVED_PREFIX
 
 from conftest import wait_until
@@ -68,10 +68,11 @@ def with_outbox(tmp_path: Path, body: Any, window_s: float = 60.0, max_records: 
 def test_a_hot_record_is_encoded_as_the_store_encodes_its_row(tmp_path: Path) -> None:
     async def body(outbox: Outbox, _skipped: Any) -> None:
         await outbox.append_hot([reading(0), reading(1, trusted=False)])
-        assert outbox.hot is not None
-        hot = outbox.hot.take(10)
-        assert [r[0] for r in hot] == [-1, -2] and outbox.hot.take(10) == []  # in flight now
-        outbox.hot.release([1, 2])
+        hot = outbox.hot[STREAM].take(10)
+        assert [r[0] for r in hot] == [hot_id(0, 1), hot_id(0, 2)] and outbox.hot[STREAM].take(
+            10
+        ) == []  # in flight now
+        outbox.hot[STREAM].release([1, 2])
         assert await outbox.spill(everything=True) == 2
         stored = await outbox.encoded_after(-1, 0, 10)
         assert [r[3] for r in stored] == [r[3] for r in hot]
@@ -90,22 +91,21 @@ def test_nothing_is_written_until_a_record_is_due_then_it_spills_with_its_number
         assert outbox.commits == commits + 1  # the seq reservation, once for SEQ_BLOCK numbers
         await outbox.append_hot([reading(i) for i in range(5, 8)])
         assert outbox.commits == commits + 1 and rows(db) == []
-        assert outbox.hot is not None
         assert await outbox.spill() == 0  # nothing is older than the window
         depth = {d.stream: d for d in await outbox.depth()}[STREAM]
         assert depth.depth == 8 and depth.last_seq == 8
 
         # Seqs 1-3 go out and are acknowledged; 4-5 are in flight when the window passes; 6-8 wait.
-        out = outbox.hot.take(5)
+        out = outbox.hot[STREAM].take(5)
         await outbox.acknowledge([r[0] for r in out[:3]])
-        outbox.hot.window_s = 0.0
+        outbox.hot[STREAM].window_s = 0.0
         assert await outbox.spill() == 5
         assert rows(db) == [(4, 0), (5, 0), (6, 0), (7, 0), (8, 0)]
-        assert outbox.hot.take(10) == []  # in flight or stored: nothing more to send from memory
+        assert outbox.hot[STREAM].take(10) == []  # in flight or stored: nothing more to send from memory
         # 4 is acknowledged after all: its row goes; 5's publish fails: the stored copy is the one left.
-        assert await outbox.acknowledge([-4]) == 1
-        outbox.release_hot([-5])
-        assert rows(db) == [(5, 0), (6, 0), (7, 0), (8, 0)] and len(outbox.hot.records) == 0
+        assert await outbox.acknowledge([hot_id(0, 4)]) == 1
+        outbox.release_hot([hot_id(0, 5)])
+        assert rows(db) == [(5, 0), (6, 0), (7, 0), (8, 0)] and len(outbox.hot[STREAM].records) == 0
 
     with_outbox(tmp_path, body)
 
@@ -114,12 +114,30 @@ def test_memory_stays_bounded_while_the_link_is_down(tmp_path: Path) -> None:
     db = tmp_path / "fleetgate.db"
 
     async def body(outbox: Outbox, _skipped: Any) -> None:
-        await outbox.append_hot([reading(i) for i in range(25)])
-        assert await outbox.spill() == 15  # young, but beyond max_records: the oldest go to the store
-        assert [seq for seq, _ in rows(db)] == list(range(1, 16))
-        assert outbox.hot is not None and list(outbox.hot.records) == list(range(16, 26))
+        await outbox.append_hot([reading(i) for i in range(8)])
+        assert await outbox.spill() == 0  # young, and no more than max_records
+        await outbox.append_hot([reading(i) for i in range(8, 12)])
+        assert await outbox.spill() == 12  # beyond max_records: everything held goes, in one commit
+        assert [seq for seq, _ in rows(db)] == list(range(1, 13))
+        assert outbox.hot[STREAM].records == {}
 
     with_outbox(tmp_path, body, max_records=10)
+
+
+def test_once_the_oldest_is_due_everything_held_goes_in_one_commit(tmp_path: Path) -> None:
+    db = tmp_path / "fleetgate.db"
+
+    async def body(outbox: Outbox, _skipped: Any) -> None:
+        await outbox.append_hot([reading(i) for i in range(3)])
+        tier = outbox.hot[STREAM]
+        for record in tier.records.values():
+            record.taken -= 100.0  # older than the window
+        await outbox.append_hot([reading(3)])  # young
+        commits = outbox.commits
+        assert await outbox.spill() == 4 and outbox.commits == commits + 1
+        assert [seq for seq, _ in rows(db)] == [1, 2, 3, 4]
+
+    with_outbox(tmp_path, body)
 
 
 def test_a_clean_stop_stores_what_is_in_memory_and_gives_the_reservation_back(tmp_path: Path) -> None:
@@ -127,8 +145,7 @@ def test_a_clean_stop_stores_what_is_in_memory_and_gives_the_reservation_back(tm
 
     async def first(outbox: Outbox, _skipped: Any) -> None:
         await outbox.append_hot([reading(i) for i in range(3)])
-        assert outbox.hot is not None
-        await outbox.acknowledge([r[0] for r in outbox.hot.take(2)])  # 1 and 2 delivered
+        await outbox.acknowledge([r[0] for r in outbox.hot[STREAM].take(2)])  # 1 and 2 delivered
         await outbox.spill(everything=True)
 
     with_outbox(tmp_path, first)
@@ -137,7 +154,7 @@ def test_a_clean_stop_stores_what_is_in_memory_and_gives_the_reservation_back(tm
     async def second(outbox: Outbox, skipped: Any) -> None:
         assert skipped is None  # no gap: the next number follows the last one used
         await outbox.append_hot([reading(9)])
-        assert outbox.hot is not None and list(outbox.hot.records) == [4]
+        assert list(outbox.hot[STREAM].records) == [4]
 
     with_outbox(tmp_path, second)
 
@@ -155,7 +172,7 @@ def test_an_unclean_stop_skips_every_reserved_number(tmp_path: Path) -> None:
     async def after(outbox: Outbox, skipped: SkippedSeqs | None) -> None:
         assert skipped == SkippedSeqs(STREAM, 1, 3 + SEQ_BLOCK)
         await outbox.append_hot([reading(0)])
-        assert outbox.hot is not None and list(outbox.hot.records) == [4 + SEQ_BLOCK]
+        assert list(outbox.hot[STREAM].records) == [4 + SEQ_BLOCK]
         streams = {d.stream: d for d in await outbox.depth()}
         assert streams[STREAM].last_seq == 4 + SEQ_BLOCK
 
@@ -182,11 +199,10 @@ def test_trust_corrects_readings_in_memory_as_it_does_rows(tmp_path: Path) -> No
         await outbox.append_hot([reading(0, trusted=False), reading(1, trusted=True)])
         offset = 1_000 * 10**9
         assert await outbox.correct_wall_times(offset, before_mono_ns=10**12) == 1
-        assert outbox.hot is not None
-        first, second = (json.loads(r[3]) for r in outbox.hot.take(2))
+        first, second = (json.loads(r[3]) for r in outbox.hot[STREAM].take(2))
         assert first["corrected"] is True and first["wall_ns"] == first["mono_ns"] + offset
         assert second["corrected"] is False
-        outbox.release_hot([-1, -2])
+        outbox.release_hot([hot_id(0, 1), hot_id(0, 2)])
         await outbox.spill(everything=True)
         assert rows(db) == [(1, 1), (2, 0)]
 
@@ -237,7 +253,7 @@ def skipped_events(messages: list) -> list[dict[str, Any]]:
     for topic, payload, _qos, _retain, props in messages:
         if topic.endswith("/up/events"):
             body = decoded(payload, props)
-            out += [r["data"] for r in body["records"] if r["data"]["event"] == "records-skipped"]
+            out += [r["data"] for r in expand(body) if r["data"]["event"] == "records-skipped"]
     return out
 
 
@@ -271,7 +287,7 @@ memory_window_s = 2
 
         def memory() -> dict[str, Any]:
             done = daemon.cli("status", "--json")
-            return json.loads(done.stdout)["outbox"]["memory"]
+            return json.loads(done.stdout)["outbox"]["memory"]["telemetry"]
 
         wait_until("readings acknowledged from memory", lambda: memory()["acknowledged"] > 50, timeout=60)
         assert memory()["spilled"] == 0 and rows(db) == []  # online: not one telemetry row written
@@ -287,7 +303,11 @@ memory_window_s = 2
         daemon = start_daemon(config)
         daemon.wait_ready()
         wait_until("readings after the restart", lambda: max(telemetry_seqs(consumer.messages)) > last + 20)
-        [skipped] = wait_until("records-skipped", lambda: skipped_events(consumer.messages), timeout=30)
+        skips = wait_until("records-skipped", lambda: len(skipped_events(consumer.messages)) == 2, timeout=30)
+        assert skips
+        by_stream = {e["stream"]: e for e in skipped_events(consumer.messages)}
+        assert set(by_stream) == {"telemetry", "heartbeat"}  # each hot stream reports its own range
+        skipped = by_stream["telemetry"]
         daemon.terminate()
         time.sleep(0.5)
         messages = consumer.messages

@@ -1,4 +1,5 @@
-"""Supervised component: a periodic heartbeat record (uptime, component states, backlog) into the outbox."""
+"""Supervised component: a periodic heartbeat record (uptime, component states, backlog) into the outbox (kept
+in memory until the broker acknowledges it when the uplink's hot tiers are on: sync/store/hot.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class Heartbeat:
                 "components": {c["name"]: c["state"] for c in snap["components"]},
                 "backlog": snap["outbox"]["total"],
             }
-            await self._outbox.append_one(
-                NewRecord.json(STREAM, Priority.TELEMETRY, self._clock.stamp(), body)
+            await self._outbox.append_hot(
+                [NewRecord.json(STREAM, Priority.TELEMETRY, self._clock.stamp(), body)]
             )
             await asyncio.sleep(self._interval_s)

@@ -13,6 +13,7 @@ from typing import Any
 
 from fleetgate.daemon.runtime.core import Core
 from fleetgate.daemon.runtime.feature import FeatureParts
+from fleetgate.daemon.runtime.heartbeat import STREAM as HEARTBEAT
 from fleetgate.daemon.runtime.readings import STREAM as TELEMETRY
 from fleetgate.daemon.runtime.status import StatusSource
 from fleetgate.daemon.uplink.net_watch import NetWatch
@@ -37,13 +38,14 @@ async def build(core: Core) -> FeatureParts:
     device, store_id = core.config.device.id, core.database.store_id
     spiller = None
     if mq.memory_window_s > 0:
-        skipped = await core.outbox.enable_hot(TELEMETRY, mq.memory_window_s, HOT_MAX_RECORDS)
-        if skipped is not None:
-            await core.events.emit_now(
-                "records-skipped",
-                {"stream": skipped.stream, "first_seq": skipped.first, "last_seq": skipped.last,
-                 "reason": "unclean-stop"},
-            )  # fmt: skip
+        for stream in (TELEMETRY, HEARTBEAT):
+            skipped = await core.outbox.enable_hot(stream, mq.memory_window_s, HOT_MAX_RECORDS)
+            if skipped is not None:
+                await core.events.emit_now(
+                    "records-skipped",
+                    {"stream": skipped.stream, "first_seq": skipped.first, "last_seq": skipped.last,
+                     "reason": "unclean-stop"},
+                )  # fmt: skip
         spiller = HotSpiller(core.outbox)
     drain = Drain(
         core.outbox,
@@ -78,9 +80,7 @@ async def build(core: Core) -> FeatureParts:
     parts.components.append(NetWatch(reconnect_now))
     if spiller is not None:
         parts.components.append(spiller)
-        parts.status["outbox.memory"] = lambda snap: (
-            None if core.outbox.hot is None else core.outbox.hot.snapshot()
-        )
+        parts.status["outbox.memory"] = lambda snap: {s: t.snapshot() for s, t in core.outbox.hot.items()}
     return parts
 
 

@@ -201,24 +201,38 @@ class Drain:
             self._outbox.release_hot([i for i in taken if i < 0])
 
     def _hot_due(self) -> float | None:
-        hot = self._outbox.hot
-        return None if hot is None else hot.due_in(self._live_batch_s, HOT_BATCH_MAX)
+        """Seconds until a hot tier's batch is due (0: now), None if none holds anything to send."""
+        dues = [
+            d
+            for t in self._outbox.hot.values()
+            if (d := t.due_in(self._live_batch_s, HOT_BATCH_MAX)) is not None
+        ]
+        return min(dues, default=None)
 
     def _pack_hot(self) -> list[Message]:
-        hot = self._outbox.hot
-        assert hot is not None
-        if self._compact_live:
-            records = hot.take_records(HOT_BATCH_MAX)
-            return list(
-                pack_compact(self._device, self._store_id, hot.stream, hot.boot_id, records, self._max_bytes)
-            )
-        rows = hot.take(HOT_BATCH_MAX)  # in seq order: packed as they are (pack_rows would sort by id)
-        return list(
-            pack_encoded(
-                self._device, hot.stream, [(r[0], r[3]) for r in rows], self._max_bytes, self._compress_min,
+        """Every hot tier's records waiting, once its batch is due (the others wait for theirs)."""
+        messages: list[Message] = []
+        for tier in self._outbox.hot.values():
+            if tier.due_in(self._live_batch_s, HOT_BATCH_MAX) != 0.0:
+                continue
+            if self._compact_live:
+                records = tier.take_records(HOT_BATCH_MAX)
+                messages += pack_compact(
+                    self._device,
+                    self._store_id,
+                    tier.stream,
+                    tier.boot_id,
+                    records,
+                    self._max_bytes,
+                    tier.index,
+                )
+                continue
+            rows = tier.take(HOT_BATCH_MAX)  # in seq order: packed as they are (pack_rows would sort by id)
+            messages += pack_encoded(
+                self._device, tier.stream, [(r[0], r[3]) for r in rows], self._max_bytes, self._compress_min,
                 self._store_id,
-            )
-        )  # fmt: skip
+            )  # fmt: skip
+        return messages
 
     def _pack(self, records: list[EncodedRow]) -> list[Message]:
         return pack_rows(self._device, self._store_id, records, self._max_bytes, self._compress_min)

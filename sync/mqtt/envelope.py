@@ -23,7 +23,7 @@ from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
 
-from fleetgate.sync.store.hot import HotRecord
+from fleetgate.sync.store.hot import HotRecord, hot_id
 from fleetgate.sync.store.wire import EncodedRow
 
 ENVELOPE_VERSION = 1
@@ -118,11 +118,17 @@ def pack_encoded(
 
 
 def pack_compact(
-    device: str, store: str, stream: str, boot: str, records: Sequence[HotRecord], max_bytes: int
+    device: str,
+    store: str,
+    stream: str,
+    boot: str,
+    records: Sequence[HotRecord],
+    max_bytes: int,
+    tier: int = 0,
 ) -> Iterator[Message]:
     """Live records (in seq order) into compact messages, envelope version 2 (docs/mqtt.md): one base
     (seq, wall_ns, mono_ns) and each record as ``[dseq, dwall_ns, dmono_ns - dwall_ns, flags, data]`` from the
-    one before, compressed with the preset dictionary ``ZDICT``. Record ids are ``-seq`` (the hot tier's)."""
+    one before, compressed with the preset dictionary ``ZDICT``. Record ids are the hot tier's (``hot_id``)."""
     if not records:
         return
     start = 0
@@ -130,12 +136,14 @@ def pack_compact(
     for i, record in enumerate(records):
         size += len(record.payload) + 40  # the numbers around it, at most
         if i > start and size > max_bytes:
-            yield _compact(device, store, stream, boot, records[start:i])
+            yield _compact(device, store, stream, boot, records[start:i], tier)
             start, size = i, len(record.payload) + 40
-    yield _compact(device, store, stream, boot, records[start:])
+    yield _compact(device, store, stream, boot, records[start:], tier)
 
 
-def _compact(device: str, store: str, stream: str, boot: str, records: Sequence[HotRecord]) -> Message:
+def _compact(
+    device: str, store: str, stream: str, boot: str, records: Sequence[HotRecord], tier: int
+) -> Message:
     first = records[0]
     head = (
         f'{{"v":{COMPACT_VERSION},"device":{json.dumps(device)},"store":{json.dumps(store)},'
@@ -154,7 +162,7 @@ def _compact(device: str, store: str, stream: str, boot: str, records: Sequence[
     body = head + b",".join(parts) + b"]}"
     packer = zlib.compressobj(COMPACT_LEVEL, zlib.DEFLATED, 15, 9, zlib.Z_DEFAULT_STRATEGY, ZDICT)
     payload = packer.compress(body) + packer.flush()
-    return Message(stream, [-r.seq for r in records], payload, True)
+    return Message(stream, [hot_id(tier, r.seq) for r in records], payload, True)
 
 
 def expand(envelope: dict) -> list[dict]:

@@ -32,7 +32,6 @@ from fleetgate.sync.mqtt.topics import Topics
 
 log = logging.getLogger(__name__)
 
-HEALTH_INTERVAL_S = 30.0
 OFFLINE = json.dumps({"online": False})  # the Last Will, and what a clean stop publishes too
 OFFLINE_TIMEOUT_S = 2.0
 
@@ -270,7 +269,7 @@ class Uplink:
 
     async def _keep_health(self, client: _Client) -> None:
         while True:
-            await asyncio.sleep(HEALTH_INTERVAL_S)
+            await asyncio.sleep(self._config.health_interval_s)
             await self._publish_health(client)
 
     def snapshot(self) -> dict[str, Any]:

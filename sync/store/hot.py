@@ -26,6 +26,17 @@ from fleetgate.sync.store.records import NewRecord, Priority
 from fleetgate.sync.store.wire import EncodedRow
 
 SEQ_BLOCK = 4096  # numbers reserved per commit: one small commit every ~10 min at a vehicle's rate
+ID_SPACE = 16  # tiers at most; a hot record's id in the drain's space is -(seq * ID_SPACE + tier index)
+
+
+def hot_id(index: int, seq: int) -> int:
+    return -(seq * ID_SPACE + index)
+
+
+def split_hot_id(record_id: int) -> tuple[int, int]:
+    """(tier index, seq) of a negative id."""
+    seq, index = divmod(-record_id, ID_SPACE)
+    return index, seq
 
 
 @dataclass(slots=True)
@@ -52,10 +63,13 @@ class SkippedSeqs:
 
 
 class HotTier:
-    """Records of one stream in memory, in seq order (their ids in the drain's space are ``-seq``)."""
+    """Records of one stream in memory, in seq order (their ids in the drain's space: ``hot_id``)."""
 
-    def __init__(self, stream: str, boot_id: str, window_s: float, max_records: int) -> None:
+    def __init__(self, stream: str, boot_id: str, window_s: float, max_records: int, index: int = 0) -> None:
+        if not 0 <= index < ID_SPACE:
+            raise ValueError(f"a hot tier's index is 0..{ID_SPACE - 1}")
         self.stream = stream
+        self.index = index
         self.window_s = window_s
         self.max_records = max_records
         self.boot_id = boot_id
@@ -107,7 +121,9 @@ class HotTier:
     def take(self, limit: int) -> list[EncodedRow]:
         """As ``take_records``, each encoded as the store encodes a row (envelope version 1)."""
         prio = int(Priority.TELEMETRY)
-        return [(-r.seq, self.stream, prio, self.encode(r)) for r in self.take_records(limit)]
+        return [
+            (hot_id(self.index, r.seq), self.stream, prio, self.encode(r)) for r in self.take_records(limit)
+        ]
 
     def encode(self, r: HotRecord) -> bytes:
         """The record as ``wire.ENCODED_RECORD`` encodes a row: byte for byte (tests/test_hot_tier.py)."""
@@ -148,20 +164,16 @@ class HotTier:
                 record.in_flight = False
 
     def spillable(self, everything: bool = False) -> list[HotRecord]:
-        """Records taken longer than the window ago (all of them with ``everything``), and the oldest beyond
-        ``max_records`` whatever their age, so memory stays bounded while the link is down. In-flight ones
-        too: a publish that hangs (a link gone quiet) must not stretch the durability bound."""
-        if everything:
-            return [r for r in self.records.values() if not r.spilled]
-        limit = time.monotonic() - self.window_s
-        excess = len(self.records) - self.max_records
-        out = []
-        for i, record in enumerate(self.records.values()):
-            if record.taken > limit and i >= excess:
-                break
-            if not record.spilled:
-                out.append(record)
-        return out
+        """Once the oldest record is older than the window (or more than ``max_records`` are held), every
+        record held: while the link is down that makes one commit per window, not one per reading batch
+        (each commit costs whole 4 KiB pages of WAL, then again at the checkpoint). In-flight ones too: a
+        publish that hangs (a link gone quiet) must not stretch the durability bound."""
+        held = [r for r in self.records.values() if not r.spilled]
+        if everything or not held:
+            return held
+        if held[0].taken <= time.monotonic() - self.window_s or len(self.records) > self.max_records:
+            return held
+        return []
 
     def spilled_now(self, records: Iterable[HotRecord]) -> None:
         """``records`` are committed to the outbox: forget them, or (in flight) remember their row exists."""

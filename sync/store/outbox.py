@@ -19,7 +19,7 @@ from typing import Any
 
 from fleetgate.sync.store import segments
 from fleetgate.sync.store.database import Database, transaction
-from fleetgate.sync.store.hot import SEQ_BLOCK, HotRecord, HotTier, SkippedSeqs
+from fleetgate.sync.store.hot import ID_SPACE, SEQ_BLOCK, HotRecord, HotTier, SkippedSeqs, split_hot_id
 from fleetgate.sync.store.records import ROW_OVERHEAD, Appended, Eviction, NewRecord, Priority, StoredRecord
 from fleetgate.sync.store.segments import Pack, Sealed, Segment
 from fleetgate.sync.store.state import write_state
@@ -261,7 +261,7 @@ class Outbox:
         self.commits = 0
         self.records_committed = 0
         self.appended = asyncio.Event()  # set after every commit that added records (the drain waits on it)
-        self.hot: HotTier | None = None  # live telemetry kept in memory until acknowledged (hot.py)
+        self.hot: dict[str, HotTier] = {}  # by stream: live records in memory until acknowledged (hot.py)
         self._hot_lock = asyncio.Lock()
 
     async def append(
@@ -287,27 +287,32 @@ class Outbox:
     async def append_one(self, record: NewRecord, state: dict[str, Any] | None = None) -> Appended:
         return (await self.append([record], state))[0]
 
-    # -- the hot tier (sync/store/hot.py) -------------------------------------------------------------------
+    # -- the hot tiers (sync/store/hot.py) ------------------------------------------------------------------
 
     async def enable_hot(self, stream: str, window_s: float, max_records: int) -> SkippedSeqs | None:
         """Keep ``stream``'s records in memory until acknowledged or ``window_s`` old; returns the numbers an
         unclean stop left reserved and unaccounted for (reported by the caller), if any."""
+        if stream in self.hot or len(self.hot) >= ID_SPACE:
+            raise ValueError(f"stream {stream!r} already has a hot tier, or there are {ID_SPACE} of them")
         await self.drain_pending()
         last, reserved = await self._db.run(self._writer.hot_start, stream)
-        tier = HotTier(stream, self._writer.boot_id, window_s, max_records)
+        tier = HotTier(stream, self._writer.boot_id, window_s, max_records, index=len(self.hot))
         tier.next_seq = max(last, reserved) + 1
         tier.reserved = max(last, reserved)
-        self.hot = tier
+        self.hot[stream] = tier
         return SkippedSeqs(stream, last + 1, reserved) if reserved > last else None
 
+    def hot_tier(self, index: int) -> HotTier | None:
+        return next((t for t in self.hot.values() if t.index == index), None)
+
     async def append_hot(self, records: Sequence[NewRecord]) -> None:
-        """Records of the hot stream (``NewRecord.stream`` must be it): numbered and kept in memory, the
-        drain woken. Without a hot tier, a durable ``append``."""
-        tier = self.hot
-        if tier is None:
-            await self.append(records)
-            return
+        """Records of one stream: with a hot tier, numbered and kept in memory, the drain woken; without, a
+        durable ``append``."""
         if not records:
+            return
+        tier = self.hot.get(records[0].stream)
+        if tier is None or any(r.stream != tier.stream for r in records):
+            await self.append(records)
             return
         async with self._hot_lock:
             needed = tier.next_seq + len(records) - 1
@@ -319,11 +324,14 @@ class Outbox:
         self.appended.set()
 
     async def spill(self, everything: bool = False) -> int:
-        """Write the hot records that are due (``everything``: all, and the reservation given back, as at a
+        """Write the hot records that are due (``everything``: all, and each reservation given back, as at a
         clean stop) to the store; returns how many."""
-        tier = self.hot
-        if tier is None:
-            return 0
+        spilled = 0
+        for tier in list(self.hot.values()):
+            spilled += await self._spill(tier, everything)
+        return spilled
+
+    async def _spill(self, tier: HotTier, everything: bool) -> int:
         async with self._hot_lock:
             await self.drain_pending()  # after every append made so far: rows keep the seq order
             records = tier.spillable(everything)
@@ -346,8 +354,9 @@ class Outbox:
 
     def release_hot(self, ids: Sequence[int]) -> None:
         """The drain stopped with these (negative) ids in flight, unacknowledged."""
-        if self.hot is not None:
-            self.hot.release(-i for i in ids if i < 0)
+        for index, seqs in _by_tier(ids).items():
+            if (tier := self.hot_tier(index)) is not None:
+                tier.release(seqs)
 
     def _take_group(self) -> list[_Pending]:
         group, count = [], 0
@@ -412,13 +421,15 @@ class Outbox:
         many records were still present."""
         rows = [i for i in ids if i > 0]
         forgotten = 0
-        if self.hot is not None and len(rows) < len(ids):
-            hot = [-i for i in ids if i < 0]
-            before = len(self.hot.records)
-            spilled = self.hot.acknowledged(hot)
-            forgotten = before - len(self.hot.records) - len(spilled)
+        for index, seqs in _by_tier(ids).items():
+            tier = self.hot_tier(index)
+            if tier is None:
+                continue
+            before = len(tier.records)
+            spilled = tier.acknowledged(seqs)
+            forgotten += before - len(tier.records) - len(spilled)
             if spilled:  # spilled while in flight: the row goes too
-                forgotten += await self._db.run(_acknowledge_seqs, self.hot.stream, spilled)
+                forgotten += await self._db.run(_acknowledge_seqs, tier.stream, spilled)
         if not rows and not segment_ids:
             return forgotten
         return forgotten + await self._db.run(_acknowledge, rows, list(segment_ids))
@@ -433,32 +444,19 @@ class Outbox:
         return await self._db.run(segments.select_after, after_id, limit)
 
     async def depth(self) -> list[StreamDepth]:
-        depths = await self._db.run(_depth)
-        tier = self.hot
-        if tier is None or not tier.records:
-            return depths
-        held = tier.held()
-        oldest = tier.oldest_wall_ns()
-        merged = [
-            StreamDepth(
-                d.stream,
-                d.depth + held,
-                max(d.last_seq, tier.next_seq - 1),
-                oldest
-                if d.oldest_wall_ns is None or (oldest is not None and oldest < d.oldest_wall_ns)
-                else d.oldest_wall_ns,
-                d.bytes,
-                d.evicted,
-                d.packed,
-            )
-            if d.stream == tier.stream
-            else d
-            for d in depths
-        ]
-        if all(d.stream != tier.stream for d in depths):
-            merged.append(StreamDepth(tier.stream, held, tier.next_seq - 1, oldest))
-            merged.sort(key=lambda d: d.stream)
-        return merged
+        depths = {d.stream: d for d in await self._db.run(_depth)}
+        for tier in self.hot.values():
+            if tier.next_seq == 1 and not tier.records:
+                continue  # (one that handed out numbers counts even when empty: last_seq never drops)
+            d = depths.get(tier.stream) or StreamDepth(tier.stream, 0, 0, None)
+            oldest = tier.oldest_wall_ns()
+            if oldest is None or (d.oldest_wall_ns is not None and d.oldest_wall_ns < oldest):
+                oldest = d.oldest_wall_ns
+            depths[tier.stream] = StreamDepth(
+                d.stream, d.depth + tier.held(), max(d.last_seq, tier.next_seq - 1), oldest,
+                d.bytes, d.evicted, d.packed,
+            )  # fmt: skip
+        return [depths[name] for name in sorted(depths)]
 
     async def take_evictions(self) -> dict[str, Eviction]:
         """Evictions since the last call (read on the store thread, where they are made)."""
@@ -473,7 +471,7 @@ class Outbox:
         """Records of this boot taken before ``before_mono_ns`` with untrusted wall time get
         ``wall_ns = mono_ns + offset_ns`` and are marked corrected; returns how many."""
         await self.drain_pending()
-        in_memory = self.hot.correct(offset_ns, before_mono_ns) if self.hot is not None else 0
+        in_memory = sum(tier.correct(offset_ns, before_mono_ns) for tier in self.hot.values())
         return in_memory + await self._db.run(
             _correct_wall_times, self._writer.boot_id, offset_ns, before_mono_ns
         )
@@ -571,6 +569,16 @@ def _acknowledge(conn: sqlite3.Connection, ids: list[int], segment_ids: list[int
         return transaction(conn, body)
     finally:
         conn.execute(f"PRAGMA secure_delete = {int(before)}")
+
+
+def _by_tier(ids: Sequence[int]) -> dict[int, list[int]]:
+    """Hot ids (negative) as seqs by tier index."""
+    out: dict[int, list[int]] = {}
+    for record_id in ids:
+        if record_id < 0:
+            index, seq = split_hot_id(record_id)
+            out.setdefault(index, []).append(seq)
+    return out
 
 
 def _acknowledge_seqs(conn: sqlite3.Connection, stream: str, seqs: list[int]) -> int:
