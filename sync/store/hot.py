@@ -98,13 +98,15 @@ class HotTier:
         return [r for r in self.records.values() if not r.in_flight]  # a spilled one is always in flight
 
     def due_in(self, batch_s: float, batch_max: int) -> float | None:
-        """Seconds until the records not in flight should be published (0: now), None if there are none."""
-        waiting = self.waiting()
-        if not waiting:
+        """Seconds until the records not in flight should be published (0: now), None if there are none.
+        (Asked on every turn of the drain: it looks no further than the first record waiting, unless a full
+        batch may be held.)"""
+        first = next((r for r in self.records.values() if not r.in_flight), None)
+        if first is None:
             return None
-        if len(waiting) >= batch_max:
+        if len(self.records) >= batch_max and len(self.waiting()) >= batch_max:
             return 0.0
-        return max(0.0, waiting[0].taken + batch_s - time.monotonic())
+        return max(0.0, first.taken + batch_s - time.monotonic())
 
     def take_records(self, limit: int) -> list[HotRecord]:
         """Up to ``limit`` records not in flight, oldest first, marked in flight."""
