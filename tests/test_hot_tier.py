@@ -140,6 +140,25 @@ def test_once_the_oldest_is_due_everything_held_goes_in_one_commit(tmp_path: Pat
     with_outbox(tmp_path, body)
 
 
+def test_records_in_flight_are_left_to_their_acknowledgement_unless_it_hangs(tmp_path: Path) -> None:
+    """Stored while a publish of them is on its way, they would go out twice (the backlog lane sends the rows):
+    only when their acknowledgement is overdue (a link gone quiet) are they stored as well."""
+    db = tmp_path / "fleetgate.db"
+
+    async def body(outbox: Outbox, _skipped: Any) -> None:
+        await outbox.append_hot([reading(i) for i in range(4)])
+        tier = outbox.hot[STREAM]
+        sent = tier.take_records(2)
+        for record in tier.records.values():
+            record.taken -= 100.0  # all taken longer than the window ago
+        assert await outbox.spill() == 2 and [seq for seq, _ in rows(db)] == [3, 4]
+        for record in sent:
+            record.sent -= 100.0  # and now their acknowledgement is overdue too
+        assert await outbox.spill() == 2 and [seq for seq, _ in rows(db)] == [1, 2, 3, 4]
+
+    with_outbox(tmp_path, body)
+
+
 def test_a_clean_stop_stores_what_is_in_memory_and_gives_the_reservation_back(tmp_path: Path) -> None:
     db = tmp_path / "fleetgate.db"
 

@@ -49,6 +49,8 @@ class HotRecord:
     payload: bytes
     taken: float  # time.monotonic() when it entered the tier
     in_flight: bool = False
+    sent: float = 0.0  # time.monotonic() when it last went into flight
+    spilling: bool = False  # being written to the outbox now: not to be sent meanwhile
     spilled: bool = False  # written to the outbox while in flight: its acknowledgement deletes that row
 
 
@@ -101,7 +103,7 @@ class HotTier:
         """Seconds until the records not in flight should be published (0: now), None if there are none.
         (Asked on every turn of the drain: it looks no further than the first record waiting, unless a full
         batch may be held.)"""
-        first = next((r for r in self.records.values() if not r.in_flight), None)
+        first = next((r for r in self.records.values() if not (r.in_flight or r.spilling)), None)
         if first is None:
             return None
         if len(self.records) >= batch_max and len(self.waiting()) >= batch_max:
@@ -111,10 +113,12 @@ class HotTier:
     def take_records(self, limit: int) -> list[HotRecord]:
         """Up to ``limit`` records not in flight, oldest first, marked in flight."""
         out: list[HotRecord] = []
+        now = time.monotonic()
         for record in self.records.values():
-            if record.in_flight:
+            if record.in_flight or record.spilling:
                 continue
             record.in_flight = True
+            record.sent = now
             out.append(record)
             if len(out) >= limit:
                 break
@@ -166,15 +170,20 @@ class HotTier:
                 record.in_flight = False
 
     def spillable(self, everything: bool = False) -> list[HotRecord]:
-        """Once the oldest record is older than the window (or more than ``max_records`` are held), every
-        record held: while the link is down that makes one commit per window, not one per reading batch
-        (each commit costs whole 4 KiB pages of WAL, then again at the checkpoint). In-flight ones too: a
-        publish that hangs (a link gone quiet) must not stretch the durability bound."""
+        """Once a record waiting to be sent is older than the window, or one in flight has waited that long
+        for its acknowledgement (a link gone quiet must not stretch the durability bound), or more than
+        ``max_records`` are held: every record held that is not in flight, and the in-flight ones that hang.
+        While the link is down that makes one commit per window, not one per reading batch (each commit
+        costs whole 4 KiB pages of WAL, then again at the checkpoint). Those in flight normally are left to
+        their acknowledgement: stored too, they would go out twice."""
         held = [r for r in self.records.values() if not r.spilled]
         if everything or not held:
             return held
-        if held[0].taken <= time.monotonic() - self.window_s or len(self.records) > self.max_records:
-            return held
+        limit = time.monotonic() - self.window_s
+        waiting = [r for r in held if not r.in_flight]
+        hung = [r for r in held if r.in_flight and r.sent <= limit]
+        if hung or (waiting and waiting[0].taken <= limit) or len(self.records) > self.max_records:
+            return [r for r in held if not r.in_flight or r.sent <= limit]
         return []
 
     def spilled_now(self, records: Iterable[HotRecord]) -> None:

@@ -342,7 +342,13 @@ class Outbox:
                 state[HOT_RESERVED_PREFIX + tier.stream] = json.dumps(last_seq)
             elif not records:
                 return 0
-            await self._db.run(self._writer.write_spill, tier.stream, records, last_seq, state)
+            for record in records:
+                record.spilling = True  # the drain must not take them while they are being written
+            try:
+                await self._db.run(self._writer.write_spill, tier.stream, records, last_seq, state)
+            finally:
+                for record in records:
+                    record.spilling = False
             tier.spilled_now(records)
             if everything:
                 tier.reserved = last_seq
