@@ -194,9 +194,12 @@ class _Writer:
                     (stream_id, json.dumps(corrected)),
                 )
             size = sum(len(r.payload) + ROW_OVERHEAD for r in records)
+            # Never behind a stored record: the store's integrity check at start says so (and moves aside a
+            # database whose seqs would repeat).
+            top = max(last_seq, max((r.seq for r in records), default=0))
             conn.execute(
                 "UPDATE streams SET last_seq = max(last_seq, ?), bytes = bytes + ? WHERE id = ?",
-                (last_seq, size, stream_id),
+                (top, size, stream_id),
             )
             evicted = self._enforce_quota(conn, stream, stream_id) if stream in self.quotas else None
             if state:
@@ -207,7 +210,7 @@ class _Writer:
         self.boot_row = boot
         stream_id, last = self.streams.get(stream, (None, 0))
         if stream_id is not None:
-            self.streams[stream] = (stream_id, max(last, last_seq))
+            self.streams[stream] = (stream_id, max(last, last_seq, max((r.seq for r in records), default=0)))
         if evicted is not None and evicted.records:
             self.evictions.setdefault(stream, Eviction()).add(
                 evicted.records, evicted.bytes, evicted.first_seq, evicted.last_seq
