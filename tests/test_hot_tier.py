@@ -13,16 +13,16 @@ import asyncio
 import json
 import sqlite3
 import time
-import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 import pytest
 from test_telemetry_daemon import vehicle_config
+from test_uplink_daemon import decode
 
 from fleetgate.daemon.runtime.readings import STREAM, ReadingSink
-from fleetgate.sync.mqtt.envelope import ZDICT, expand
+from fleetgate.sync.mqtt.envelope import expand
 from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, Stamp
 from fleetgate.sync.store.hot import SEQ_BLOCK, SkippedSeqs, hot_id
 from fleetgate.sync.store.outbox import HOT_RESERVED_PREFIX
@@ -254,20 +254,13 @@ def test_without_a_hot_tier_the_sink_commits_as_before(tmp_path: Path) -> None:
 # -- the real daemon -----------------------------------------------------------------------------------------
 
 
-def decoded(payload: bytes, props: dict[str, Any]) -> dict[str, Any]:
-    """docs/mqtt.md: inflate (with the compact envelope's preset dictionary) when the property says zlib."""
-    if ("content-encoding", "zlib") in props.get("UserProperty", []):
-        payload = zlib.decompressobj(zdict=ZDICT).decompress(payload)
-    return json.loads(payload)
-
-
 def telemetry_seqs(messages: list) -> dict[int, set[bytes]]:
     """Each telemetry seq the consumer got, with the distinct record bodies it came with."""
     seen: dict[int, set[bytes]] = defaultdict(set)
     for topic, payload, _qos, _retain, props in messages:
         if not topic.endswith("/up/telemetry"):
             continue
-        for record in expand(decoded(payload, props)):
+        for record in expand(decode(topic, payload, props)):
             seen[record["seq"]].add(
                 json.dumps(record["data"], sort_keys=True).encode() + str(record["mono_ns"]).encode()
             )
@@ -278,7 +271,7 @@ def skipped_events(messages: list) -> list[dict[str, Any]]:
     out = []
     for topic, payload, _qos, _retain, props in messages:
         if topic.endswith("/up/events"):
-            body = decoded(payload, props)
+            body = decode(topic, payload, props)
             out += [r["data"] for r in expand(body) if r["data"]["event"] == "records-skipped"]
     return out
 
@@ -330,8 +323,7 @@ memory_window_s = 2
         daemon.wait_ready()
         assert "store corrupt" not in daemon.log  # what was stored is there: only the memory's range skipped
         wait_until("readings after the restart", lambda: max(telemetry_seqs(consumer.messages)) > last + 20)
-        skips = wait_until("records-skipped", lambda: len(skipped_events(consumer.messages)) == 2, timeout=30)
-        assert skips
+        wait_until("records-skipped", lambda: len(skipped_events(consumer.messages)) == 2, timeout=30)
         by_stream = {e["stream"]: e for e in skipped_events(consumer.messages)}
         assert set(by_stream) == {"telemetry", "heartbeat"}  # each hot stream reports its own range
         skipped = by_stream["telemetry"]

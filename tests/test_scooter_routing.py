@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from test_segway_client import tls
 
 from fleetgate.daemon.runtime.clock import Clock
 from fleetgate.daemon.scooters.commands import ROTATE_KEY, CommandRunner, DeferPolicy, Request, RetryPolicy
@@ -26,17 +27,13 @@ from fleetgate.sync.crypto.device_keys import at_rest_box
 from fleetgate.sync.segway.client import SegwayClient
 from fleetgate.sync.store import Database, Outbox, StateStore
 
-from mosquitto_fixture import TlsFiles, make_tls
+from mosquitto_fixture import TlsFiles
 from segway_server import SegwayServer
 
 IOT = "861477038719116"
 KEY = "abcd1234"
+__all__ = ["tls"]  # the module-scoped throwaway PKI fixture, shared with test_segway_client
 DEFER = DeferPolicy(defer_s=600.0, secure_defer_s=3600.0, rotate_key_after_rental=True)
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
-    return make_tls(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture

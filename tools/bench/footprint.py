@@ -85,6 +85,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 
 from fleetgate.daemon.runtime.control_protocol import MAX_LINE_BYTES, PROTOCOL_VERSION, ControlError, encode
+from fleetgate.sync.mqtt.envelope import ZDICT, expand
 
 from benchlib import free_port, wait
 from mosquitto_fixture import Mosquitto, TlsFiles, make_tls
@@ -97,8 +98,6 @@ TICK_S = 1 / os.sysconf("SC_CLK_TCK")
 NOT_FLASH = ("tmpfs", "ramfs", "devtmpfs")
 PROGRESS_S = 30.0
 # The preset dictionary of compact live telemetry (docs/mqtt.md, envelope version 2), if this checkout has one.
-ZDICT_PATH = REPO / "sync/mqtt/telemetry-v2.zdict"
-ZDICT = ZDICT_PATH.read_bytes() if ZDICT_PATH.exists() else b""
 
 
 def fs_of(path: Path) -> tuple[str, str, str]:
@@ -195,21 +194,11 @@ class Received:
 def records_of(payload: bytes, compressed: bool) -> list[tuple[str, int, int]]:
     """(stream, seq, mono_ns) of every record of an uplink message, as docs/mqtt.md tells a consumer: inflate
     when the user property content-encoding is zlib (with the preset dictionary: it reads messages made
-    without it too), and expand a compact envelope (version 2: deltas from a base) when there is one."""
+    without it too), and expand a compact envelope (version 2) with the gateway's own ``expand``."""
     if compressed:
-        inflate = zlib.decompressobj(zdict=ZDICT) if ZDICT else zlib.decompressobj()
-        payload = inflate.decompress(payload) + inflate.flush()
+        payload = zlib.decompressobj(zdict=ZDICT).decompress(payload)
     body = json.loads(payload)
-    stream = body["stream"]
-    if body["v"] == 1:
-        return [(stream, r["seq"], r["mono_ns"]) for r in body["records"]]
-    base = body["base"]
-    seq, mono = base["seq"], base["mono_ns"]
-    out = []
-    for record in body["records"]:  # [dseq, dwall_ns, dmono_ns, flags, data]
-        seq, mono = seq + record[0], mono + record[1] + record[2]
-        out.append((stream, seq, mono))
-    return out
+    return [(body["stream"], r["seq"], r["mono_ns"]) for r in expand(body)]
 
 
 class Subscriber:
@@ -438,13 +427,8 @@ class Bench:
             raise SystemExit("footprint: the daemon did not answer status")
         return snap
 
-    def counting_status(self) -> dict[str, Any]:
-        """The status: outbox.memory has the memory tiers' counters by stream, if the daemon keeps live
-        records in memory (sync/store/hot.py)."""
-        return self.status()
-
     def mark(self) -> Mark:
-        snap = self.counting_status()
+        snap = self.status()
         assert self.daemon is not None and self.proxy is not None and self.log is not None
         outbox = snap["outbox"]
         return Mark(
@@ -627,7 +611,7 @@ class Bench:
             "warmup_s": args.warmup_s,
             "sync_now": not args.no_sync_now,
             "mqtt_settings": self.mqtt_extra,
-            "memory_tier": self.counting_status()["outbox"].get("memory"),
+            "memory_tier": self.status()["outbox"].get("memory"),
             "daemon_log_lines": self.log.lines if self.log else None,
             "undecodable_messages": self.subscriber.undecodable,
         }
