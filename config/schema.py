@@ -310,11 +310,12 @@ class MqttConfig(Section):
         "overtakes the backlog. 0 (no live lane) or at least 0.001 (one message in 1000).",
     )
     health_interval_s: Float = Field(
-        60.0,
+        300.0,
         ge=5,
         le=3600,
-        description="The retained health message is published after each connect and then this often "
-        "(~500 bytes each time on a metered link; the Last Will says offline whatever this is).",
+        description="The retained health message is published after each connect, within 5 s when a "
+        "component changes state or wall-time trust changes, and otherwise this often (~500 bytes each time "
+        "on a metered link; the Last Will says offline whatever this is).",
     )
     live_batch_s: Float = Field(
         9.0,

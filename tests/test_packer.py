@@ -238,7 +238,9 @@ def test_the_drain_sends_events_then_segments_then_rows_and_each_record_once(tmp
             async def publish(message: Message) -> None:
                 published.append(message)
                 topic = f"fleetgate/v1/{DEVICE}/up/{message.stream}"
-                await client.publish(topic, message.payload, 1, properties=_properties(message))
+                await client.publish(
+                    topic, message.payload, 1, properties=_properties(message.compressed, None)
+                )
 
             await drain_until_empty(outbox, drain, publish)
         depth = await outbox.depth()

@@ -65,6 +65,7 @@ async def build(core: Core) -> FeatureParts:
         lambda: health(core.status),
         core.downlink,
         core.uplink_connected,
+        lambda: health_state(core.status),
     )
     reconnect_now = functools.partial(core.supervisor.retry_now, uplink.name)
     parts = FeatureParts(
@@ -110,6 +111,15 @@ def sync_now(drain: Drain, reconnect_now: Callable[[], bool]) -> dict[str, bool]
     """Wake the drain; if the uplink is waiting out a backoff after a failed connect, connect now."""
     drain.wake.set()
     return {"woken": True, "reconnecting": reconnect_now()}
+
+
+def health_state(status: StatusSource) -> tuple[Any, ...]:
+    """What makes the health message worth publishing at once when it changes: each component's state and
+    wall-time trust (read from memory; the uplink asks every few seconds)."""
+    return (
+        tuple((s.name, s.state) for s in status.supervisor.statuses),
+        status.clock.trust.trusted,
+    )
 
 
 async def health(status: StatusSource) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import logging
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from typing import Any
 
 import aiomqtt
@@ -27,13 +27,14 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fleetgate.config.schema import MqttConfig
 from fleetgate.sync.mqtt.drain import Drain
-from fleetgate.sync.mqtt.envelope import CONTENT_TYPE, Message
+from fleetgate.sync.mqtt.envelope import CONTENT_TYPE
 from fleetgate.sync.mqtt.topics import Topics
 
 log = logging.getLogger(__name__)
 
 OFFLINE = json.dumps({"online": False})  # the Last Will, and what a clean stop publishes too
 OFFLINE_TIMEOUT_S = 2.0
+HEALTH_CHECK_S = 5.0  # how often the health loop asks whether the state it reports has changed
 
 
 class PublishRejected(aiomqtt.MqttError):
@@ -83,8 +84,16 @@ class _Client(aiomqtt.Client):
         _LAST_ERROR.message = None
         super().__init__(*args, logger=PAHO_LOG, **kwargs)
         self._reasons: dict[int, ReasonCode] = {}
+        self.aliases = TopicAliases(0)  # until the CONNACK says how many the broker takes
         # The drain keeps max_inflight publishes pending on purpose; aiomqtt would warn about each above 10.
         self.pending_calls_threshold = kwargs.get("max_inflight_messages", 10) + 1
+
+    def _on_connect(
+        self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any = None
+    ) -> None:
+        if not self._connected.done() and reason_code == paho.CONNACK_ACCEPTED:
+            self.aliases = TopicAliases(getattr(properties, "TopicAliasMaximum", 0))
+        super()._on_connect(client, userdata, flags, reason_code, properties)
 
     def _on_disconnect(
         self, client: paho.Client, userdata: Any, flags: Any, reason_code: ReasonCode, properties: Any = None
@@ -103,9 +112,10 @@ class _Client(aiomqtt.Client):
         super()._on_publish(client, userdata, mid, reason_code, properties)
 
     async def publish_checked(
-        self, topic: str, payload: bytes, properties: Properties, ack_timeout_s: float
+        self, topic: str, payload: bytes, compressed: bool, ack_timeout_s: float
     ) -> None:
-        info = self._client.publish(topic, payload, 1, False, properties)
+        name, alias = self.aliases.use(topic)
+        info = self._client.publish(name, payload, 1, False, _properties(compressed, alias))
         if info.rc != paho.MQTT_ERR_SUCCESS:
             raise aiomqtt.MqttCodeError(info.rc, "Could not publish message")
         if not info.is_published():
@@ -148,22 +158,53 @@ def tls_context(config: MqttConfig) -> ssl.SSLContext:
     return context
 
 
-def _build_properties(compressed: bool) -> Properties:
+class TopicAliases:
+    """MQTT 5 topic aliases for one connection's uplink topics (a handful: one per stream).
+
+    The first message on a topic carries its name and a number the broker remembers for this connection;
+    the next ones carry only the number, 2 bytes instead of ~40 (most of the framing of a live telemetry
+    message). Mappings die with the connection, and every connection is a new client, so a message is never
+    sent again under a number the broker does not know. Packets go out in the order they are published, so
+    the broker always learns a number before it is used. ``maximum`` is the broker's Topic Alias Maximum
+    (CONNACK; 0 or absent: none, every message carries its topic)."""
+
+    def __init__(self, maximum: int) -> None:
+        self.maximum = maximum
+        self._numbers: dict[str, int] = {}
+
+    def use(self, topic: str) -> tuple[str, int | None]:
+        """(what to put in the topic field, the alias to send or None)."""
+        number = self._numbers.get(topic)
+        if number is not None:
+            return "", number
+        if len(self._numbers) >= self.maximum:
+            return topic, None
+        number = len(self._numbers) + 1
+        self._numbers[topic] = number
+        return topic, number
+
+
+def _build_properties(compressed: bool, alias: int | None) -> Properties:
     props = Properties(PacketTypes.PUBLISH)
     props.ContentType = CONTENT_TYPE
     props.PayloadFormatIndicator = 0 if compressed else 1
     if compressed:
         props.UserProperty = [("content-encoding", "zlib")]
+    if alias is not None:
+        props.TopicAlias = alias
     return props
 
 
-# Built once: paho's Properties setters cost ~60 us a message, as much as the rest of the drain's work on it.
-# paho only reads them; they are never changed after this.
-_UPLINK_PROPERTIES = {compressed: _build_properties(compressed) for compressed in (False, True)}
+# Built once each: paho's Properties setters cost ~60 us a message, as much as the rest of the drain's work
+# on it. paho only reads them; they are never changed after they are built.
+_UPLINK_PROPERTIES: dict[tuple[bool, int | None], Properties] = {}
 
 
-def _properties(message: Message) -> Properties:
-    return _UPLINK_PROPERTIES[message.compressed]
+def _properties(compressed: bool, alias: int | None) -> Properties:
+    props = _UPLINK_PROPERTIES.get((compressed, alias))
+    if props is None:
+        props = _UPLINK_PROPERTIES[compressed, alias] = _build_properties(compressed, alias)
+    return props
 
 
 class Uplink:
@@ -178,11 +219,14 @@ class Uplink:
         health: Any,
         downlink: dict[str, Downlink] | None = None,
         connected: asyncio.Event | None = None,
+        health_state: Callable[[], Hashable] = lambda: None,
     ) -> None:
         self._config = config
         self._topics = topics
         self._drain = drain
         self._health = health  # async () -> dict: the status to publish in the health message
+        # Cheap: what, when it changes, makes health worth publishing before its interval is up.
+        self._health_state = health_state
         # Handlers by topic name under down/; read at each connect, so a registry still being filled will do.
         self._downlink = {} if downlink is None else downlink
         # Set on every connect; who cares about reconnects clears it.
@@ -220,7 +264,7 @@ class Uplink:
                 drain = asyncio.create_task(
                     self._drain.run(
                         lambda m: client.publish_checked(
-                            self._topics.uplink(m.stream), m.payload, _properties(m), cfg.publish_timeout_s
+                            self._topics.uplink(m.stream), m.payload, m.compressed, cfg.publish_timeout_s
                         )
                     ),
                     name="mqtt-drain",
@@ -268,9 +312,17 @@ class Uplink:
         await client.publish(self._topics.health, OFFLINE, qos=1, retain=True)
 
     async def _keep_health(self, client: _Client) -> None:
+        """Health again every ``health_interval_s``, and within ``HEALTH_CHECK_S`` when the state it reports
+        changes (a component failing or back, wall-time trust): the cloud learns of a failure at once
+        without paying ~500 bytes a minute for a status that says the same."""
+        published, state = time.monotonic(), self._health_state()
+        check = min(HEALTH_CHECK_S, self._config.health_interval_s)
         while True:
-            await asyncio.sleep(self._config.health_interval_s)
-            await self._publish_health(client)
+            await asyncio.sleep(check)
+            now = self._health_state()
+            if now != state or time.monotonic() - published >= self._config.health_interval_s:
+                await self._publish_health(client)
+                published, state = time.monotonic(), now
 
     def snapshot(self) -> dict[str, Any]:
         stats = self._drain.stats

@@ -348,12 +348,14 @@ async def pack_like_the_drain(path: Path, cfg: Any) -> list[tuple[str, bytes, An
             )
             while batch := cursor.fetchmany(FETCH):
                 for m in pack_rows(DEVICE, store_id, batch, cfg.max_message_bytes, cfg.compress_min_bytes):
-                    out.append((topics.uplink(m.stream), m.payload, _properties(m), len(m.ids)))
+                    out.append(
+                        (topics.uplink(m.stream), m.payload, _properties(m.compressed, None), len(m.ids))
+                    )
 
         rows("WHERE o.priority < ?")
         for g in select_after(conn, 0, 1 << 62):
             m = Message(g.stream, [], g.payload, g.compressed, g.id, g.records)
-            out.append((topics.uplink(m.stream), m.payload, _properties(m), m.records))
+            out.append((topics.uplink(m.stream), m.payload, _properties(m.compressed, None), m.records))
         rows("WHERE o.priority >= ?")
         return out
 
