@@ -53,7 +53,9 @@ class StoreConfig(Section):
     synchronous: Literal["full", "normal"] = Field(
         "full",
         description="SQLite durability. 'full' fsyncs every group commit and survives power loss; 'normal' "
-        "survives a crash of the daemon but may lose the last commits on power loss.",
+        "survives a crash of the daemon but may lose the last commits on power loss, and then hands out again "
+        "seq numbers the broker already has (a consumer drops those records as duplicates: "
+        "tests/test_power_cut.py shows it); only for a state directory with its own power backup.",
     )
     max_batch: Int = Field(
         5000, ge=1, le=100_000, description="Most records written in one group commit (one transaction)."
