@@ -341,6 +341,16 @@ class MqttConfig(Section):
         "it or it is this old (then it is stored and drained as backlog). A power cut or kill -9 loses at most "
         "this long of readings the broker had not acknowledged. 0: every reading is stored first.",
     )
+    offline_window_s: Float = Field(
+        60.0,
+        ge=0,
+        le=600,
+        description="While the uplink is not connected, live telemetry is written to flash this often instead "
+        "(in sealed messages with pack_offline): fewer, larger commits, ~3x less flash per reading than every "
+        "memory_window_s (tools/bench/footprint.py). A power cut or kill -9 while offline loses at most this "
+        "long of readings; online the bound stays memory_window_s. 0 or less than memory_window_s: "
+        "memory_window_s.",
+    )
     pack_offline: bool = Field(
         True,
         description="While the broker is unreachable, seal the telemetry backlog into ready-made compressed "

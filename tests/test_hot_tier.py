@@ -13,6 +13,7 @@ import asyncio
 import json
 import sqlite3
 import time
+import zlib
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from test_uplink_daemon import decode
 
 from fleetgate.daemon.runtime.readings import STREAM, ReadingSink
 from fleetgate.sync.mqtt.envelope import expand
+from fleetgate.sync.mqtt.packer import Packer
 from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, Stamp
 from fleetgate.sync.store.hot import SEQ_BLOCK, SkippedSeqs, hot_id
 from fleetgate.sync.store.outbox import HOT_RESERVED_PREFIX
@@ -140,6 +142,26 @@ def test_once_the_oldest_is_due_everything_held_goes_in_one_commit(tmp_path: Pat
     with_outbox(tmp_path, body)
 
 
+def test_offline_the_longer_window_applies(tmp_path: Path) -> None:
+    db = tmp_path / "fleetgate.db"
+
+    async def body(outbox: Outbox, _skipped: Any) -> None:
+        tier = outbox.hot[STREAM]
+        tier.offline_window_s = 60.0
+        await outbox.append_hot([reading(i) for i in range(3)])
+        for record in tier.records.values():
+            record.taken -= 30.0  # past the online window (10 s), within the offline one
+        assert await outbox.spill(offline=True) == 0 and rows(db) == []
+        for record in tier.records.values():
+            record.taken -= 31.0
+        assert await outbox.spill(offline=True) == 3 and [seq for seq, _ in rows(db)] == [1, 2, 3]
+        await outbox.append_hot([reading(3)])
+        next(iter(tier.records.values())).taken -= 30.0
+        assert await outbox.spill() == 1  # online again: the memory window
+
+    with_outbox(tmp_path, body, window_s=10.0)
+
+
 def test_records_in_flight_are_left_to_their_acknowledgement_unless_it_hangs(tmp_path: Path) -> None:
     """Stored while a publish of them is on its way, they would go out twice (the backlog lane sends the rows):
     only when their acknowledgement is overdue (a link gone quiet) are they stored as well."""
@@ -155,6 +177,74 @@ def test_records_in_flight_are_left_to_their_acknowledgement_unless_it_hangs(tmp
         for record in sent:
             record.sent -= 100.0  # and now their acknowledgement is overdue too
         assert await outbox.spill() == 2 and [seq for seq, _ in rows(db)] == [1, 2, 3, 4]
+
+    with_outbox(tmp_path, body)
+
+
+def _sealing(outbox: Outbox) -> Packer:
+    """The packer the daemon builds (its drain is not used to seal spills), sealing the outbox's spills."""
+    packer = Packer(outbox, None, "hot-0001", "store-1", 512, 256)  # type: ignore[arg-type]
+    outbox.seal_spills("hot-0001", packer.seal_spilled)
+    return packer
+
+
+def sealed_records(db: Path) -> list[list[dict]]:
+    """Per segment, in order: the records of the message it holds."""
+    with sqlite3.connect(db) as conn:
+        found = conn.execute(
+            "SELECT compressed, payload, first_seq, last_seq, records FROM segments ORDER BY id"
+        )
+        out = []
+        for compressed, payload, first, last, count in found.fetchall():
+            envelope = json.loads(zlib.decompress(payload) if compressed else payload)
+            assert envelope["device"] == "hot-0001" and envelope["store"] == "store-1"
+            seqs = [r["seq"] for r in envelope["records"]]
+            assert (seqs[0], seqs[-1], len(seqs)) == (first, last, count)
+            out.append(envelope["records"])
+        return out
+
+
+def test_spilled_live_records_are_sealed_into_messages_written_once(tmp_path: Path) -> None:
+    """With the packer on, a spill stores the messages the drain will publish (segments), not rows for the
+    packer to read, pack and delete: the same records, encoded as rows would be."""
+    db = tmp_path / "fleetgate.db"
+
+    async def body(outbox: Outbox, _skipped: Any) -> None:
+        _sealing(outbox)
+        await outbox.append_hot([reading(i) for i in range(30)])
+        encoded = [outbox.hot[STREAM].encode(r) for r in outbox.hot[STREAM].records.values()]
+        for record in outbox.hot[STREAM].records.values():
+            record.taken -= 100.0
+        assert await outbox.spill() == 30
+        assert rows(db) == []
+        messages = sealed_records(db)
+        assert len(messages) > 1  # 512-byte messages: more than one
+        assert [json.dumps(r, separators=(",", ":")).encode() for m in messages for r in m] == encoded
+        depth = {d.stream: d for d in await outbox.depth()}[STREAM]
+        assert (depth.depth, depth.packed, depth.last_seq) == (30, 30, 30) and depth.bytes > 0
+        segments = await outbox.segments_after(0, 100)
+        await outbox.acknowledge([], [g.id for g in segments])
+        depth = {d.stream: d for d in await outbox.depth()}[STREAM]
+        assert (depth.depth, depth.bytes) == (0, 0)
+
+    with_outbox(tmp_path, body)
+
+
+def test_a_spill_is_rows_when_wall_time_may_change_or_a_row_is_older(tmp_path: Path) -> None:
+    db = tmp_path / "fleetgate.db"
+
+    async def body(outbox: Outbox, _skipped: Any) -> None:
+        _sealing(outbox)
+        await outbox.append_hot([reading(0), reading(1, trusted=False)])  # one untrusted: may be corrected
+        await outbox.spill(everything=True)
+        assert [seq for seq, _ in rows(db)] == [1, 2] and sealed_records(db) == []
+        await outbox.append_hot([reading(2), reading(3)])  # all trusted, but rows of the stream wait
+        await outbox.spill(everything=True)
+        assert [seq for seq, _ in rows(db)] == [1, 2, 3, 4] and sealed_records(db) == []
+        await outbox.acknowledge([r[0] for r in await outbox.encoded_after(-1, 0, 10)])
+        await outbox.append_hot([reading(4), reading(5)])  # the rows delivered: now they are sealed
+        await outbox.spill(everything=True)
+        assert rows(db) == [] and [[r["seq"] for r in m] for m in sealed_records(db)] == [[5, 6]]
 
     with_outbox(tmp_path, body)
 

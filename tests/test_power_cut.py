@@ -67,7 +67,8 @@ def test_a_power_cut_loses_only_announced_live_records_and_never_reuses_a_seq(
 ):
     port = free_port()
     db = disk.mount / "fleetgate.db"
-    config = uplink_config(tmp_path, port, heartbeat_s=0.01)
+    # Offline, live records are stored after 15 s (instead of the default 60 s) to keep the test short.
+    config = uplink_config(tmp_path, port, heartbeat_s=0.01, mqtt_extra="offline_window_s = 15")
     with broker_comes_up(port) as (_broker, consumer, proxy):
         daemon = start_daemon(config)
         daemon.wait_ready()

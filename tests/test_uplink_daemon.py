@@ -178,6 +178,7 @@ def uplink_config(
     heartbeat_s: float = 0.005,
     max_message_bytes: int = 16384,
     backoff_s: tuple[float, float] = (0.2, 1.0),
+    mqtt_extra: str = "",
 ) -> Path:
     """MQTT to 127.0.0.1:`port`, a dead link noticed within seconds (keepalive and publish timeout 5 s).
 
@@ -206,6 +207,7 @@ keepalive_s = 5
 connect_timeout_s = 2
 publish_timeout_s = 5
 max_message_bytes = {max_message_bytes}
+{mqtt_extra}
 {tls_lines}""",
         heartbeat_s=heartbeat_s,
     )

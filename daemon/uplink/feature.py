@@ -36,17 +36,18 @@ async def build(core: Core) -> FeatureParts:
     from fleetgate.sync.mqtt.link import Uplink
 
     device, store_id = core.config.device.id, core.database.store_id
-    spiller = None
-    if mq.memory_window_s > 0:
+    spill = mq.memory_window_s > 0  # live telemetry in memory (sync/store/hot.py), stored when due
+    if spill:
         for stream in (TELEMETRY, HEARTBEAT):
-            skipped = await core.outbox.enable_hot(stream, mq.memory_window_s, HOT_MAX_RECORDS)
+            skipped = await core.outbox.enable_hot(
+                stream, mq.memory_window_s, HOT_MAX_RECORDS, mq.offline_window_s
+            )
             if skipped is not None:
                 await core.events.emit_now(
                     "records-skipped",
                     {"stream": skipped.stream, "first_seq": skipped.first, "last_seq": skipped.last,
                      "reason": "unclean-stop"},
                 )  # fmt: skip
-        spiller = HotSpiller(core.outbox)
     drain = Drain(
         core.outbox,
         device,
@@ -77,10 +78,11 @@ async def build(core: Core) -> FeatureParts:
     if mq.pack_offline:
         packer = Packer(core.outbox, drain, device, store_id, mq.max_message_bytes, mq.compress_min_bytes)
         parts.components.append(packer)
+        core.outbox.seal_spills(device, packer.seal_spilled)
     parts.status["outbox.packer"] = lambda snap: None if packer is None else packer.snapshot()
     parts.components.append(NetWatch(reconnect_now))
-    if spiller is not None:
-        parts.components.append(spiller)
+    if spill:
+        parts.components.append(HotSpiller(core.outbox, lambda: uplink.online))
         parts.status["outbox.memory"] = lambda snap: {s: t.snapshot() for s, t in core.outbox.hot.items()}
     return parts
 
@@ -91,13 +93,14 @@ class HotSpiller:
 
     name = "outbox-spill"
 
-    def __init__(self, outbox: Any) -> None:
+    def __init__(self, outbox: Any, online: Callable[[], bool]) -> None:
         self._outbox = outbox
+        self._online = online  # the uplink is connected: else the longer offline window applies
 
     async def run(self) -> None:
         while True:
             await asyncio.sleep(SPILL_EVERY_S)
-            await self._outbox.spill()
+            await self._outbox.spill(offline=not self._online())
 
 
 def uplink_view(view: dict[str, Any], backlog: int) -> dict[str, Any]:

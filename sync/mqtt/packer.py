@@ -14,7 +14,7 @@ from typing import Any
 from fleetgate.sync.mqtt.drain import Drain
 from fleetgate.sync.mqtt.envelope import SEAL_LEVEL, pack_encoded
 from fleetgate.sync.store import Outbox
-from fleetgate.sync.store.segments import Sealed
+from fleetgate.sync.store.segments import Sealed, SpilledMessage
 
 IDLE_S = 5.0  # nothing to seal: look again after this
 
@@ -50,6 +50,23 @@ class Packer:
         )
         return message.payload, message.compressed
 
+    def seal_spilled(self, stream: str, records: list[tuple[int, int, bytes]]) -> list[SpilledMessage]:
+        """Runs on the store thread: live records being spilled, (seq, wall_ns, encoded), as the messages
+        the drain will publish (``Outbox.seal_spills``)."""
+        wall = {seq: wall_ns for seq, wall_ns, _ in records}
+        return [
+            SpilledMessage(m.ids[0], m.ids[-1], len(m.ids), wall[m.ids[0]], m.compressed, m.payload)
+            for m in pack_encoded(
+                self._device,
+                stream,
+                [(seq, encoded) for seq, _, encoded in records],
+                self._max_bytes,
+                self._compress_min,
+                self._store_id,
+                SEAL_LEVEL,
+            )
+        ]
+
     async def seal_one(self) -> Sealed | None:
         """One segment, if a stream has a full message's worth of sealable rows (the caller makes sure the
         drain is not running)."""
@@ -68,4 +85,9 @@ class Packer:
                 await asyncio.sleep(self._idle_s)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"segments": self.segments, "records": self.records, "bytes_saved": self.bytes_saved}
+        return {
+            "segments": self.segments,
+            "records": self.records,
+            "bytes_saved": self.bytes_saved,
+            "spills_sealed": self._outbox.sealed_spills,
+        }

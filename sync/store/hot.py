@@ -67,12 +67,23 @@ class SkippedSeqs:
 class HotTier:
     """Records of one stream in memory, in seq order (their ids in the drain's space: ``hot_id``)."""
 
-    def __init__(self, stream: str, boot_id: str, window_s: float, max_records: int, index: int = 0) -> None:
+    def __init__(
+        self,
+        stream: str,
+        boot_id: str,
+        window_s: float,
+        max_records: int,
+        index: int = 0,
+        offline_window_s: float = 0.0,
+    ) -> None:
         if not 0 <= index < ID_SPACE:
             raise ValueError(f"a hot tier's index is 0..{ID_SPACE - 1}")
         self.stream = stream
         self.index = index
         self.window_s = window_s
+        # With no link there is nothing to wait for: records are held longer and stored in fewer, larger
+        # commits (each costs whole pages of WAL whatever it holds). Never shorter than the online window.
+        self.offline_window_s = max(window_s, offline_window_s)
         self.max_records = max_records
         self.boot_id = boot_id
         self._boot = json.dumps(boot_id)
@@ -169,17 +180,18 @@ class HotTier:
             else:
                 record.in_flight = False
 
-    def spillable(self, everything: bool = False) -> list[HotRecord]:
+    def spillable(self, everything: bool = False, offline: bool = False) -> list[HotRecord]:
         """Once a record waiting to be sent is older than the window, or one in flight has waited that long
         for its acknowledgement (a link gone quiet must not stretch the durability bound), or more than
         ``max_records`` are held: every record held that is not in flight, and the in-flight ones that hang.
         While the link is down that makes one commit per window, not one per reading batch (each commit
         costs whole 4 KiB pages of WAL, then again at the checkpoint). Those in flight normally are left to
-        their acknowledgement: stored too, they would go out twice."""
+        their acknowledgement: stored too, they would go out twice. ``offline`` (the uplink is not connected):
+        the window is ``offline_window_s``."""
         held = [r for r in self.records.values() if not r.spilled]
         if everything or not held:
             return held
-        limit = time.monotonic() - self.window_s
+        limit = time.monotonic() - (self.offline_window_s if offline else self.window_s)
         waiting = [r for r in held if not r.in_flight]
         hung = [r for r in held if r.in_flight and r.sent <= limit]
         if hung or (waiting and waiting[0].taken <= limit) or len(self.records) > self.max_records:
@@ -217,5 +229,6 @@ class HotTier:
             "held": sum(1 for r in self.records.values() if not r.spilled),
             "in_flight": sum(1 for r in self.records.values() if r.in_flight),
             "window_s": self.window_s,
+            "offline_window_s": self.offline_window_s,
             **self.counters,
         }

@@ -11,7 +11,7 @@ import asyncio
 import json
 import sqlite3
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -73,6 +73,8 @@ class _Pending:
 
 EVICT_CHUNK = 1000
 NO_PRIORITY = 1 << 31  # above every priority
+# (stream, [(seq, wall_ns, encoded record)]) -> the sealed messages holding them (sync/mqtt/packer.py).
+SpillSealer = Callable[[str, list[tuple[int, int, bytes]]], list[segments.SpilledMessage]]
 HOT_RESERVED_PREFIX = "outbox.hot-reserved/"  # state key per hot stream: the last seq reserved on disk
 
 
@@ -85,6 +87,7 @@ class _Writer:
         self.evictions: dict[str, Eviction] = {}  # since last taken by the daemon
         self.boot_row: int | None = None
         self.streams: dict[str, tuple[int, int]] = {}  # name -> (id, last committed seq)
+        self.sealed_spills = 0  # spills stored as segments
 
     def _stream(self, conn: sqlite3.Connection, name: str) -> tuple[int, int]:
         cached = self.streams.get(name)
@@ -175,25 +178,22 @@ class _Writer:
         records: Sequence[HotRecord],
         last_seq: int,
         state: dict[str, str | None],
+        sealed: tuple[str, Callable[[Sequence[HotRecord]], list[segments.SpilledMessage]]] | None = None,
     ) -> None:
-        """Hot records, numbered already, as rows; the stream's committed seq raised to ``last_seq``."""
+        """Hot records, numbered already, stored; the stream's committed seq raised to ``last_seq``.
+
+        With ``sealed`` (device id, sealer) they are stored as the sealed messages the sealer makes of them
+        (segments, written once: sync/store/segments.py) unless the stream has rows, which segments must not
+        be newer than; otherwise as rows."""
 
         def body(conn: sqlite3.Connection) -> tuple[int, Eviction | None]:
             boot = self._boot(conn)
             stream_id, _ = self._stream(conn, stream)
-            prio = int(Priority.TELEMETRY)
-            rows = [
-                (stream_id, r.seq, prio, r.wall_ns, r.mono_ns, boot, r.trusted, r.payload) for r in records
-            ]
-            insert_rows(conn, rows)
-            corrected = [r.seq for r in records if r.corrected]
-            if corrected:
-                conn.execute(
-                    "UPDATE outbox SET time_corrected = 1 WHERE stream_id = ? AND seq IN"
-                    " (SELECT value FROM json_each(?))",
-                    (stream_id, json.dumps(corrected)),
-                )
-            size = sum(len(r.payload) + ROW_OVERHEAD for r in records)
+            if sealed is not None and records and not segments.has_rows(conn, stream_id):
+                self.sealed_spills += 1
+                size = segments.insert_spilled(conn, stream_id, sealed[0], sealed[1](records))
+            else:
+                size = self._spill_rows(conn, stream_id, boot, records)
             # Never behind a stored record: the store's integrity check at start says so (and moves aside a
             # database whose seqs would repeat).
             top = max(last_seq, max((r.seq for r in records), default=0))
@@ -215,6 +215,22 @@ class _Writer:
             self.evictions.setdefault(stream, Eviction()).add(
                 evicted.records, evicted.bytes, evicted.first_seq, evicted.last_seq
             )
+
+    @staticmethod
+    def _spill_rows(conn: sqlite3.Connection, stream_id: int, boot: int, records: Sequence[HotRecord]) -> int:
+        prio = int(Priority.TELEMETRY)
+        insert_rows(
+            conn,
+            [(stream_id, r.seq, prio, r.wall_ns, r.mono_ns, boot, r.trusted, r.payload) for r in records],
+        )
+        corrected = [r.seq for r in records if r.corrected]
+        if corrected:
+            conn.execute(
+                "UPDATE outbox SET time_corrected = 1 WHERE stream_id = ? AND seq IN"
+                " (SELECT value FROM json_each(?))",
+                (stream_id, json.dumps(corrected)),
+            )
+        return sum(len(r.payload) + ROW_OVERHEAD for r in records)
 
     def _enforce_quota(self, conn: sqlite3.Connection, name: str, stream_id: int) -> Eviction:
         """Delete the stream's oldest telemetry (its segments, then telemetry-priority rows) until it fits its
@@ -266,6 +282,7 @@ class Outbox:
         self.appended = asyncio.Event()  # set after every commit that added records (the drain waits on it)
         self.hot: dict[str, HotTier] = {}  # by stream: live records in memory until acknowledged (hot.py)
         self._hot_lock = asyncio.Lock()
+        self._spill_sealer: tuple[str, SpillSealer] | None = None
 
     async def append(
         self, records: Sequence[NewRecord], state: dict[str, Any] | None = None
@@ -292,18 +309,31 @@ class Outbox:
 
     # -- the hot tiers (sync/store/hot.py) ------------------------------------------------------------------
 
-    async def enable_hot(self, stream: str, window_s: float, max_records: int) -> SkippedSeqs | None:
-        """Keep ``stream``'s records in memory until acknowledged or ``window_s`` old; returns the numbers an
-        unclean stop left reserved and unaccounted for (reported by the caller), if any."""
+    async def enable_hot(
+        self, stream: str, window_s: float, max_records: int, offline_window_s: float = 0.0
+    ) -> SkippedSeqs | None:
+        """Keep ``stream``'s records in memory until acknowledged or ``window_s`` old (``offline_window_s``
+        while the uplink is not connected: ``spill(offline=True)``); returns the numbers an unclean stop left
+        reserved and unaccounted for (reported by the caller), if any."""
         if stream in self.hot or len(self.hot) >= ID_SPACE:
             raise ValueError(f"stream {stream!r} already has a hot tier, or there are {ID_SPACE} of them")
         await self.drain_pending()
         last, reserved = await self._db.run(self._writer.hot_start, stream)
-        tier = HotTier(stream, self._writer.boot_id, window_s, max_records, index=len(self.hot))
+        tier = HotTier(stream, self._writer.boot_id, window_s, max_records, len(self.hot), offline_window_s)
         tier.next_seq = max(last, reserved) + 1
         tier.reserved = max(last, reserved)
         self.hot[stream] = tier
         return SkippedSeqs(stream, last + 1, reserved) if reserved > last else None
+
+    def seal_spills(self, device: str, sealer: SpillSealer) -> None:
+        """From now on, live records spilled with their wall time settled and none in flight are stored as
+        ``sealer`` packs them, sealed messages for ``device`` (segments), instead of as rows the packer would
+        read, pack and delete again: written once, ~4x smaller (tools/bench/footprint.py)."""
+        self._spill_sealer = (device, sealer)
+
+    @property
+    def sealed_spills(self) -> int:
+        return self._writer.sealed_spills
 
     def hot_tier(self, index: int) -> HotTier | None:
         return next((t for t in self.hot.values() if t.index == index), None)
@@ -326,18 +356,18 @@ class Outbox:
             tier.add(records)
         self.appended.set()
 
-    async def spill(self, everything: bool = False) -> int:
+    async def spill(self, everything: bool = False, offline: bool = False) -> int:
         """Write the hot records that are due (``everything``: all, and each reservation given back, as at a
-        clean stop) to the store; returns how many."""
+        clean stop; ``offline``: the uplink is not connected) to the store; returns how many."""
         spilled = 0
         for tier in list(self.hot.values()):
-            spilled += await self._spill(tier, everything)
+            spilled += await self._spill(tier, everything, offline)
         return spilled
 
-    async def _spill(self, tier: HotTier, everything: bool) -> int:
+    async def _spill(self, tier: HotTier, everything: bool, offline: bool) -> int:
         async with self._hot_lock:
             await self.drain_pending()  # after every append made so far: rows keep the seq order
-            records = tier.spillable(everything)
+            records = tier.spillable(everything, offline)
             state: dict[str, str | None] = {}
             last_seq = 0
             if everything:
@@ -347,8 +377,17 @@ class Outbox:
                 return 0
             for record in records:
                 record.spilling = True  # the drain must not take them while they are being written
+            sealed = None
+            if self._spill_sealer is not None and all(
+                not r.in_flight and (r.trusted or r.corrected) for r in records
+            ):
+                device, sealer = self._spill_sealer
+                sealed = (
+                    device,
+                    lambda rs: sealer(tier.stream, [(r.seq, r.wall_ns, tier.encode(r)) for r in rs]),
+                )
             try:
-                await self._db.run(self._writer.write_spill, tier.stream, records, last_seq, state)
+                await self._db.run(self._writer.write_spill, tier.stream, records, last_seq, state, sealed)
             finally:
                 for record in records:
                     record.spilling = False

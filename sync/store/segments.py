@@ -207,5 +207,41 @@ def evict_oldest(conn: sqlite3.Connection, stream_id: int, held: int, quota: int
     return held
 
 
+class SpilledMessage(NamedTuple):
+    """Live records of one stream sealed at the moment they are spilled (``Outbox.seal_spills``)."""
+
+    first_seq: int
+    last_seq: int
+    records: int
+    first_wall_ns: int
+    compressed: bool
+    payload: bytes
+
+
+def has_rows(conn: sqlite3.Connection, stream_id: int) -> bool:
+    """Whether the stream has telemetry-priority rows: then a new segment would be newer than a row, and the
+    rule that a stream's segments are older than its rows (eviction and drain order) says rows."""
+    return (
+        conn.execute(
+            "SELECT 1 FROM outbox WHERE stream_id = ? AND priority = ? LIMIT 1",
+            (stream_id, int(Priority.TELEMETRY)),
+        ).fetchone()
+        is not None
+    )
+
+
+def insert_spilled(
+    conn: sqlite3.Connection, stream_id: int, device: str, messages: list[SpilledMessage]
+) -> int:
+    """Store sealed live records as segments (in the caller's transaction); returns the bytes they hold."""
+    conn.executemany(
+        "INSERT INTO segments(stream_id, device, first_seq, last_seq, records, first_wall_ns, compressed,"
+        " payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(stream_id, device, m.first_seq, m.last_seq, m.records, m.first_wall_ns, int(m.compressed), m.payload)
+         for m in messages],
+    )  # fmt: skip
+    return sum(len(m.payload) + ROW_OVERHEAD for m in messages)
+
+
 def _delete(conn: sqlite3.Connection, ids_json: str) -> None:
     conn.execute("DELETE FROM segments WHERE id IN (SELECT value FROM json_each(?))", (ids_json,))
