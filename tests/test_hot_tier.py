@@ -142,6 +142,26 @@ def test_once_the_oldest_is_due_everything_held_goes_in_one_commit(tmp_path: Pat
     with_outbox(tmp_path, body)
 
 
+def test_when_one_stream_is_due_the_others_waiting_records_go_in_the_same_commit(tmp_path: Path) -> None:
+    db = tmp_path / "fleetgate.db"
+
+    async def body(outbox: Outbox, _skipped: Any) -> None:
+        await outbox.enable_hot("heartbeat", 60.0, 1000)
+        beat = NewRecord("heartbeat", Priority.TELEMETRY, Stamp(WALL, 5 * 10**9, True), b'{"uptime_s":1}')
+        await outbox.append_hot([beat, beat])
+        outbox.hot["heartbeat"].take_records(1)  # the first heartbeat is in flight: left to its ack
+        await outbox.append_hot([reading(i) for i in range(2)])
+        assert await outbox.spill() == 0  # nothing due
+        for record in outbox.hot[STREAM].records.values():
+            record.taken -= 100.0
+        commits = outbox.commits
+        assert await outbox.spill() == 3 and outbox.commits == commits + 1
+        assert [seq for seq, _ in rows(db)] == [1, 2] and [seq for seq, _ in rows(db, "heartbeat")] == [2]
+        assert list(outbox.hot["heartbeat"].records) == [1]
+
+    with_outbox(tmp_path, body)
+
+
 def test_offline_the_longer_window_applies(tmp_path: Path) -> None:
     db = tmp_path / "fleetgate.db"
 

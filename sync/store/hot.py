@@ -180,17 +180,22 @@ class HotTier:
             else:
                 record.in_flight = False
 
-    def spillable(self, everything: bool = False, offline: bool = False) -> list[HotRecord]:
+    def spillable(
+        self, everything: bool = False, offline: bool = False, along: bool = False
+    ) -> list[HotRecord]:
         """Once a record waiting to be sent is older than the window, or one in flight has waited that long
         for its acknowledgement (a link gone quiet must not stretch the durability bound), or more than
         ``max_records`` are held: every record held that is not in flight, and the in-flight ones that hang.
         While the link is down that makes one commit per window, not one per reading batch (each commit
         costs whole 4 KiB pages of WAL, then again at the checkpoint). Those in flight normally are left to
         their acknowledgement: stored too, they would go out twice. ``offline`` (the uplink is not connected):
-        the window is ``offline_window_s``."""
+        the window is ``offline_window_s``. ``along``: another stream spills now, and the commit costs the same
+        with these: every record waiting to be sent."""
         held = [r for r in self.records.values() if not r.spilled]
         if everything or not held:
             return held
+        if along:
+            return [r for r in held if not r.in_flight]
         limit = time.monotonic() - (self.offline_window_s if offline else self.window_s)
         waiting = [r for r in held if not r.in_flight]
         hung = [r for r in held if r.in_flight and r.sent <= limit]

@@ -75,6 +75,23 @@ EVICT_CHUNK = 1000
 NO_PRIORITY = 1 << 31  # above every priority
 # (stream, [(seq, wall_ns, encoded record)]) -> the sealed messages holding them (sync/mqtt/packer.py).
 SpillSealer = Callable[[str, list[tuple[int, int, bytes]]], list[segments.SpilledMessage]]
+
+
+@dataclass
+class Spill:
+    """Hot records of one stream on their way to the store (``Outbox.spill``)."""
+
+    stream: str
+    records: list[HotRecord]
+    last_seq: int  # the stream's committed seq is raised to at least this (a clean stop: the last handed out)
+    device: str = ""
+    sealer: Callable[[Sequence[HotRecord]], list[segments.SpilledMessage]] | None = None
+
+    @property
+    def top(self) -> int:
+        return max(self.last_seq, max((r.seq for r in self.records), default=0))
+
+
 HOT_RESERVED_PREFIX = "outbox.hot-reserved/"  # state key per hot stream: the last seq reserved on disk
 
 
@@ -172,49 +189,49 @@ class _Writer:
         return last, reserved
 
     def write_spill(
-        self,
-        conn: sqlite3.Connection,
-        stream: str,
-        records: Sequence[HotRecord],
-        last_seq: int,
-        state: dict[str, str | None],
-        sealed: tuple[str, Callable[[Sequence[HotRecord]], list[segments.SpilledMessage]]] | None = None,
+        self, conn: sqlite3.Connection, spills: Sequence[Spill], state: dict[str, str | None]
     ) -> None:
-        """Hot records, numbered already, stored; the stream's committed seq raised to ``last_seq``.
+        """Hot records of one or more streams, numbered already, stored in one transaction; each stream's
+        committed seq raised to its ``last_seq``.
 
-        With ``sealed`` (device id, sealer) they are stored as the sealed messages the sealer makes of them
-        (segments, written once: sync/store/segments.py) unless the stream has rows, which segments must not
-        be newer than; otherwise as rows."""
+        A spill with a sealer is stored as the sealed messages the sealer makes of its records (segments,
+        written once: sync/store/segments.py) unless the stream has rows, which segments must not be newer
+        than; otherwise as rows."""
 
-        def body(conn: sqlite3.Connection) -> tuple[int, Eviction | None]:
+        def body(conn: sqlite3.Connection) -> tuple[int, dict[str, Eviction]]:
             boot = self._boot(conn)
-            stream_id, _ = self._stream(conn, stream)
-            if sealed is not None and records and not segments.has_rows(conn, stream_id):
-                self.sealed_spills += 1
-                size = segments.insert_spilled(conn, stream_id, sealed[0], sealed[1](records))
-            else:
-                size = self._spill_rows(conn, stream_id, boot, records)
-            # Never behind a stored record: the store's integrity check at start says so (and moves aside a
-            # database whose seqs would repeat).
-            top = max(last_seq, max((r.seq for r in records), default=0))
-            conn.execute(
-                "UPDATE streams SET last_seq = max(last_seq, ?), bytes = bytes + ? WHERE id = ?",
-                (top, size, stream_id),
-            )
-            evicted = self._enforce_quota(conn, stream, stream_id) if stream in self.quotas else None
+            evicted: dict[str, Eviction] = {}
+            for spill in spills:
+                stream, records = spill.stream, spill.records
+                stream_id, _ = self._stream(conn, stream)
+                if spill.sealer is not None and records and not segments.has_rows(conn, stream_id):
+                    self.sealed_spills += 1
+                    size = segments.insert_spilled(conn, stream_id, spill.device, spill.sealer(records))
+                else:
+                    size = self._spill_rows(conn, stream_id, boot, records)
+                # Never behind a stored record: the store's integrity check at start says so (and moves aside
+                # a database whose seqs would repeat).
+                conn.execute(
+                    "UPDATE streams SET last_seq = max(last_seq, ?), bytes = bytes + ? WHERE id = ?",
+                    (spill.top, size, stream_id),
+                )
+                if stream in self.quotas:
+                    evicted[stream] = self._enforce_quota(conn, stream, stream_id)
             if state:
                 write_state(conn, state)
             return boot, evicted
 
         boot, evicted = transaction(conn, body)
         self.boot_row = boot
-        stream_id, last = self.streams.get(stream, (None, 0))
-        if stream_id is not None:
-            self.streams[stream] = (stream_id, max(last, last_seq, max((r.seq for r in records), default=0)))
-        if evicted is not None and evicted.records:
-            self.evictions.setdefault(stream, Eviction()).add(
-                evicted.records, evicted.bytes, evicted.first_seq, evicted.last_seq
-            )
+        for spill in spills:
+            stream_id, last = self.streams.get(spill.stream, (None, 0))
+            if stream_id is not None:
+                self.streams[spill.stream] = (stream_id, max(last, spill.top))
+        for stream, ev in evicted.items():
+            if ev.records:
+                self.evictions.setdefault(stream, Eviction()).add(
+                    ev.records, ev.bytes, ev.first_seq, ev.last_seq
+                )
 
     @staticmethod
     def _spill_rows(conn: sqlite3.Connection, stream_id: int, boot: int, records: Sequence[HotRecord]) -> int:
@@ -358,47 +375,60 @@ class Outbox:
 
     async def spill(self, everything: bool = False, offline: bool = False) -> int:
         """Write the hot records that are due (``everything``: all, and each reservation given back, as at a
-        clean stop; ``offline``: the uplink is not connected) to the store; returns how many."""
-        spilled = 0
-        for tier in list(self.hot.values()):
-            spilled += await self._spill(tier, everything, offline)
-        return spilled
+        clean stop; ``offline``: the uplink is not connected) to the store, in one commit; returns how many.
 
-    async def _spill(self, tier: HotTier, everything: bool, offline: bool) -> int:
+        When one stream's records are due, the others' waiting records go along: a commit costs whole pages
+        of WAL whatever it holds, so the heartbeat's one record a minute must not cost one of its own."""
         async with self._hot_lock:
             await self.drain_pending()  # after every append made so far: rows keep the seq order
-            records = tier.spillable(everything, offline)
-            state: dict[str, str | None] = {}
-            last_seq = 0
-            if everything:
-                last_seq = tier.next_seq - 1
-                state[HOT_RESERVED_PREFIX + tier.stream] = json.dumps(last_seq)
-            elif not records:
+            due = {tier.stream: tier.spillable(everything, offline) for tier in self.hot.values()}
+            if not everything and not any(due.values()):
                 return 0
-            for record in records:
-                record.spilling = True  # the drain must not take them while they are being written
-            sealed = None
-            if self._spill_sealer is not None and all(
-                not r.in_flight and (r.trusted or r.corrected) for r in records
-            ):
-                device, sealer = self._spill_sealer
-                sealed = (
-                    device,
-                    lambda rs: sealer(tier.stream, [(r.seq, r.wall_ns, tier.encode(r)) for r in rs]),
-                )
+            spills: list[Spill] = []
+            state: dict[str, str | None] = {}
+            for tier in self.hot.values():
+                records = due[tier.stream] or tier.spillable(along=True)
+                last_seq = 0
+                if everything:
+                    last_seq = tier.next_seq - 1
+                    state[HOT_RESERVED_PREFIX + tier.stream] = json.dumps(last_seq)
+                elif not records:
+                    continue
+                spills.append(self._spill_of(tier, records, last_seq))
+            for spill in spills:
+                for record in spill.records:
+                    record.spilling = True  # the drain must not take them while they are being written
             try:
-                await self._db.run(self._writer.write_spill, tier.stream, records, last_seq, state, sealed)
+                await self._db.run(self._writer.write_spill, spills, state)
             finally:
-                for record in records:
-                    record.spilling = False
-            tier.spilled_now(records)
-            if everything:
-                tier.reserved = last_seq
+                for spill in spills:
+                    for record in spill.records:
+                        record.spilling = False
+            for spill in spills:
+                tier = self.hot[spill.stream]
+                tier.spilled_now(spill.records)
+                if everything:
+                    tier.reserved = spill.last_seq
+            count = sum(len(spill.records) for spill in spills)
             self.commits += 1
-            self.records_committed += len(records)
-            if records:
+            self.records_committed += count
+            if count:
                 self.appended.set()
-            return len(records)
+            return count
+
+    def _spill_of(self, tier: HotTier, records: list[HotRecord], last_seq: int) -> Spill:
+        """Sealed when a sealer is set, none of the records is in flight (its acknowledgement deletes a row by
+        seq) and every wall time is settled (a segment's bytes cannot be corrected)."""
+        if self._spill_sealer is None or not all(
+            not r.in_flight and (r.trusted or r.corrected) for r in records
+        ):
+            return Spill(tier.stream, records, last_seq)
+        device, sealer = self._spill_sealer
+
+        def seal(rs: Sequence[HotRecord]) -> list[segments.SpilledMessage]:
+            return sealer(tier.stream, [(r.seq, r.wall_ns, tier.encode(r)) for r in rs])
+
+        return Spill(tier.stream, records, last_seq, device, seal)
 
     def release_hot(self, ids: Sequence[int]) -> None:
         """The drain stopped with these (negative) ids in flight, unacknowledged."""
