@@ -1,6 +1,7 @@
 """The ``fleetgate`` command: run the daemon, and the technician's view of it over the control socket.
 
-Apart from ``run``, no command opens hardware or the database: they ask the running daemon.
+Apart from ``run``, no command opens hardware or the database: they ask the running daemon (``keys`` reads
+the device secret file to print the public keys derived from it, ``config`` and ``signals`` read no state).
 """
 
 from __future__ import annotations
@@ -95,6 +96,17 @@ def _parser() -> argparse.ArgumentParser:
         "queued if neither can run it now), ble or cloud (default: auto)",
     )
     one.add_argument("--json", action="store_true", help="print the raw JSON reply")
+
+    keys = sub.add_parser(
+        "keys", help="provisioning: this gateway's public keys (the PIN sealing key for the cloud); no secret"
+    )
+    keys.add_argument(
+        "--generate",
+        action="store_true",
+        help="make the device secret first if it does not exist (mode 0600)",
+    )
+    keys.add_argument("--secret-file", type=Path, help="the device secret (default: device.secret_file)")
+    keys.add_argument("--json", action="store_true", help="print JSON")
 
     sub.add_parser("signals", help="the signal catalogue: names, units, sources, REEF/Vinli names (Markdown)")
 
@@ -242,6 +254,21 @@ def _scooter(args: argparse.Namespace) -> int:
     return 0 if result.get("outcome") in ("done", "partial") else EXIT_FAILURE
 
 
+def _cmd_keys(args: argparse.Namespace) -> int:
+    from fleetgate import provisioning
+
+    path, explicit = _config_path(args)
+    try:
+        keys = provisioning.report(
+            path if explicit or path.exists() else None, args.secret_file, args.generate
+        )
+    except provisioning.ProvisioningError as exc:
+        print(f"fleetgate: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    print(json.dumps(keys, indent=2) if args.json else provisioning.render(keys))
+    return 0
+
+
 def _cmd_signals(args: argparse.Namespace) -> int:
     from fleetgate.config.signals import signals_markdown
 
@@ -275,6 +302,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "pin": _pin,
     "scooters": _view("scooters", render.scooters),
     "scooter": _scooter,
+    "keys": _cmd_keys,
     "signals": _cmd_signals,
     "config": _cmd_config,
 }

@@ -9,7 +9,7 @@ import contextlib
 import json
 import sqlite3
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -279,6 +279,46 @@ def test_state_that_is_not_json_is_a_typed_error_naming_the_key(tmp_path):
                 await state.get("a")
             assert caught.value.key == "a" and "not JSON" in caught.value.reason
             assert caught.value.text is not None and "{not json" not in str(caught.value)
+        await db.close()
+
+    asyncio.run(main())
+
+
+def test_a_right_pin_refused_by_policy_neither_counts_toward_the_lockout_nor_resets_it(tmp_path):
+    """Issue 18: the PIN of an expired session (trusted clock) is answered `expired`, of an ended one `ended`,
+    each audited with its session; neither counts as a guess (a late renter cannot lock the keypad), and
+    neither wipes a guesser's count. A wrong PIN still counts; an active session's PIN wins over an ended
+    session that happens to have the same one."""
+
+    async def main() -> None:
+        db = await Database.open(tmp_path / "s.db")
+        now = datetime.now(UTC)
+        book = SessionBook()
+        book.merge(
+            [Incoming(3, "v3", T0, pin="1111"), Incoming(4, "v4", T0, pin="2222"), Incoming(5, "v5", T0, pin="3333")],
+            0, KEY, {3: int((now - timedelta(minutes=1)).timestamp()) * 10**9},
+        )  # fmt: skip
+        book.merge([Incoming(4, "v4", T0, completion=T0), Incoming(5, "v5", T0, pin="3333")], 0, KEY, None)
+        book.merge([Incoming(6, "v6", T0, pin="2222"), Incoming(5, "v5", T0, completion=T0)], 0, KEY, None)
+        assert book.sessions[3].expires_ns is not None  # REEF-like merges (None) kept the expiry
+        access, output = _controller(db, book, LockoutPolicy(max_failures=3, base_delay_s=3600))
+        access._clock.set_ntp(True)
+        await output.open()
+
+        assert (await access.enter("9999")).reason == "no-match"
+        for pin, reason, session in [("1111", "expired", 3), ("3333", "ended", 5)] * 3:
+            decision = await access.enter(pin)
+            assert (decision.outcome, decision.reason, decision.session_id) == ("refused", reason, session)
+        assert access.lockout.failures == 1  # the wrong PIN only: not counted, not reset
+        accepted = await access.enter("2222")  # session 6's PIN; ended session 4 had it too
+        assert (accepted.outcome, accepted.session_id) == ("accepted", 6)
+
+        refused = [
+            (a["reason"], a["session_id"], a["failures"])
+            for a in await _audit(db)
+            if a["event"] == "pin-refused"
+        ]
+        assert refused == [("no-match", None, 1)] + [("expired", 3, 1), ("ended", 5, 1)] * 3
         await db.close()
 
     asyncio.run(main())

@@ -224,7 +224,7 @@ def test_a_started_session_enables_start_and_an_ended_one_is_refused(rig):
     assert view["access"]["enabled_by"] == 3 and view["access"]["start_enable"]["on"] is True
     wait_until("ack for version 1", lambda: any(a["version"] == 1 for a in acks(rig.consumer)))
     ack = next(a for a in acks(rig.consumer) if a["version"] == 1)
-    assert ack["sessions"] == [{"id": 3, "verification_id": "verif-3", "state": "active"}]
+    assert ack["sessions"] == [{"id": 3, "verification_id": "verif-3", "state": "active", "expires": None}]
 
     # The rental ends: the relay opens (the vehicle is not moving) and the PIN stops working.
     rig.cloud.publish(rig.cloud.sign([session(3, ended=True)]))

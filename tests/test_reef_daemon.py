@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -66,6 +67,7 @@ class Rig:
     keypad: PtyPair
     relay: PtyPair
     start: Callable[[], Any]  # starts the daemon (REEF faults may be set up first); returns it
+    cloud: Cloud  # signs and publishes (retained) session sets on the broker
 
 
 @pytest.fixture
@@ -78,10 +80,10 @@ def rig(tmp_path, start_daemon, pty_pairs, tls) -> Iterator[Rig]:
     ):
         proxy = TcpProxy("127.0.0.1", broker.port, port=free_port()).start()
         keypad, relay = pty_pairs("keypad"), pty_pairs("relay")
+        cloud = Cloud(tmp_path, broker.port)
         config = access_config(
-            tmp_path, Cloud(tmp_path, broker.port), proxy.port, keypad.device, relay.device,
-            reef_section(reef, tls),
-        )  # fmt: skip
+            tmp_path, cloud, proxy.port, keypad.device, relay.device, reef_section(reef, tls)
+        )
 
         def start() -> Any:
             daemon = start_daemon(config)
@@ -90,7 +92,7 @@ def rig(tmp_path, start_daemon, pty_pairs, tls) -> Iterator[Rig]:
             return daemon
 
         try:
-            yield Rig(reef, consumer, proxy, keypad, relay, start)
+            yield Rig(reef, consumer, proxy, keypad, relay, start, cloud)
         finally:
             proxy.stop()
 
@@ -171,3 +173,84 @@ def daemon_status(daemon) -> dict:
     result = daemon.cli("status", "--json")
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout)
+
+
+def expiry(daemon, session_id: int) -> int | None:
+    return next(r["expires_ns"] for r in sessions(daemon)["sessions"] if r["id"] == session_id)
+
+
+def refused(daemon, session_id: int) -> str | None:
+    return next(r["refused"] for r in sessions(daemon)["sessions"] if r["id"] == session_id)
+
+
+def test_an_expiry_from_a_signed_set_survives_reef_pulls_reconnects_and_restarts(rig):
+    """Issue 18: a REEF answer carries no expiry and must not erase the one a signed set gave, whichever
+    channel speaks first, across the retained duplicate on reconnect and across a restart; the vehicle's
+    acknowledgements say which expiry it enforces; and the PIN of an ended session is refused as such,
+    without counting toward the lockout. (Enforcing an expiry needs trusted wall time: test_access_controller.)"""
+    reef, proxy, cloud, keypad = rig.reef, rig.proxy, rig.cloud, rig.keypad
+    started = datetime.now(UTC) - timedelta(minutes=5)
+    rental = reef.add_session(VIN, id=41, pin="271828", initialization=started, verification_id="verif-41")
+    daemon = rig.start()
+
+    # REEF first: active, no expiry (REEF has none).
+    wait_until("REEF's session pulled", lambda: states(daemon).get(41) == "active")
+    assert expiry(daemon, 41) is None
+
+    # Then a signed set lists the same session with an expiry an hour ahead.
+    ends = (datetime.now(UTC) + timedelta(hours=1)).replace(microsecond=250000)
+    granted = {"id": 41, "verification_id": "verif-41", "initialization": started, "completion": "active",
+               "pin": rental["pin"], "expires": ends}  # fmt: skip
+    cloud.publish(cloud.sign([granted]))
+    ends_ns = int(ends.timestamp()) * 10**9 + 250_000_000
+    wait_until("the set's expiry", lambda: expiry(daemon, 41) == ends_ns)
+    mqtt_ack = wait_until(
+        "the set acknowledged", lambda: [a for a in acks(rig.consumer) if a["source"] == "mqtt"]
+    )
+    stamp = ends.strftime("%Y-%m-%dT%H:%M:%S.250000Z")
+    assert mqtt_ack[-1]["sessions"] == [
+        {"id": 41, "verification_id": "verif-41", "state": "active", "expires": stamp}
+    ]
+
+    # A reconnect: a REEF pull and the retained set again (a duplicate). The expiry stays.
+    polls, duplicates = sessions(daemon)["reef"]["polls"], sessions(daemon)["downlink"]["counts"]["duplicate"]
+    proxy.cut("reset")
+    wait_until("uplink offline", lambda: not _online(daemon))
+    proxy.restore()
+    wait_until("a REEF pull after the reconnect", lambda: sessions(daemon)["reef"]["polls"] > polls)
+    wait_until(
+        "the retained duplicate", lambda: sessions(daemon)["downlink"]["counts"]["duplicate"] > duplicates
+    )
+    assert expiry(daemon, 41) == ends_ns
+
+    # A restart in between, and a REEF change (a second session) so that REEF's answer is acknowledged.
+    daemon.terminate()
+    reef.add_session(VIN, id=42, pin="314159", initialization=datetime.now(UTC), verification_id="verif-42")
+    daemon = rig.start()
+    wait_until("the REEF change", lambda: states(daemon).get(42) == "active")
+    assert expiry(daemon, 41) == ends_ns
+    reef_ack = [a for a in acks(rig.consumer) if a["source"] == "reef"][-1]
+    assert {s["id"]: s["expires"] for s in reef_ack["sessions"]} == {41: stamp, 42: None}
+
+    # The rentals end at REEF; the vehicle learns it on the next pull. A late renter's PIN is answered
+    # "ended", audited with its session, and is no guess: typed more often than max_failures (3), it locks
+    # nothing out; a wrong PIN still counts.
+    reef.end_session(VIN)
+    polls = sessions(daemon)["reef"]["polls"]
+    proxy.cut("reset")
+    wait_until("uplink offline", lambda: not _online(daemon))
+    proxy.restore()
+    wait_until("the end pulled", lambda: states(daemon) == {41: "ended", 42: "ended"})
+    assert sessions(daemon)["reef"]["polls"] > polls
+    for _ in range(4):
+        assert type_pin(keypad, rental["pin"]) == b"R\n"
+    assert sessions(daemon)["access"]["lockout"]["failures"] == 0
+    assert type_pin(keypad, "999999") == b"R\n"
+    assert sessions(daemon)["access"]["lockout"]["failures"] == 1
+
+    def refusals() -> list[tuple]:
+        return [(a["reason"], a["session_id"], a["failures"]) for a in audit(rig.consumer)
+                if a["event"] == "pin-refused"]  # fmt: skip
+
+    wait_until("the refusals audited", lambda: len(refusals()) == 5)
+    assert refusals() == [("ended", 41, 0)] * 4 + [("no-match", None, 1)]

@@ -50,9 +50,28 @@ def test_an_ended_session_never_comes_back():
     book.merge(
         [Incoming(3, "v3", T0, completion=T0 + timedelta(hours=1))], ns(T0 + timedelta(hours=1)), KEY, {}
     )
-    assert book.sessions[3].state == "ended" and book.sessions[3].pin_hash is None
+    # The hash stays while the session is remembered, so its PIN is answered "ended" (docs/security.md).
+    assert book.sessions[3].state == "ended" and book.sessions[3].pin_hash is not None
     changes = book.merge([Incoming(3, "v3", T0, pin="633911")], ns(T0), KEY, {})
     assert changes == [] and book.sessions[3].state == "ended"
+
+
+def test_a_channel_without_expiries_keeps_the_one_a_signed_set_gave_in_either_order():
+    """Issue 18: REEF (expires None: not this channel's to say) never erases an expiry; the signed set sets
+    it whether it comes first or second, and clears it when it lists the session without one."""
+    end = ns(T0) + 3600 * S
+    mqtt_first = SessionBook()
+    mqtt_first.merge([Incoming(3, "v3", T0, pin="633911")], ns(T0), KEY, {3: end})
+    mqtt_first.merge([Incoming(3, "v3", T0, pin="633911")], ns(T0), KEY, None)
+    assert mqtt_first.sessions[3].expires_ns == end
+    reef_first = SessionBook()
+    reef_first.merge([Incoming(3, "v3", T0, pin="633911")], ns(T0), KEY, None)
+    assert reef_first.sessions[3].expires_ns is None
+    reef_first.merge([Incoming(3, "v3", T0)], ns(T0), KEY, {3: end})  # a set without the PIN in clear
+    reef_first.merge([Incoming(3, "v3", T0, pin="633911")], ns(T0), KEY, None)
+    assert reef_first.sessions[3].expires_ns == end and reef_first.sessions[3].pin_hash is not None
+    reef_first.merge([Incoming(3, "v3", T0, pin="633911")], ns(T0), KEY, {})  # a newer set: no expiry now
+    assert reef_first.sessions[3].expires_ns is None
 
 
 def test_a_session_missing_from_a_newer_set_ends_but_an_older_set_cannot_end_a_newer_session():

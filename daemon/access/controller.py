@@ -17,8 +17,10 @@ Order of effects, and why:
   as ``not-a-pin`` before any check, never counted toward the lockout and not audited (the keypad driver
   cannot produce one; the control verb and the CLI refuse it first).
 
-A PIN is compared with every active session's keyed hash, all of them, in constant time (no early exit),
-and it is never logged, stored or put in a message.
+A PIN is compared with every session's keyed hash, active and ended, all of them, in constant time (no early
+exit), and it is never logged, stored or put in a message. Only a PIN that matches no session counts toward
+the lockout: the PIN of an ended or expired session is refused as ``ended`` / ``expired`` and audited with
+its session, so the cloud can tell a late renter from a guesser.
 """
 
 from __future__ import annotations
@@ -131,11 +133,17 @@ class AccessController:
         )
 
     def _match(self, pin: str) -> Any:
-        matched = None
-        for session in self.book.active():  # every candidate is compared: the time does not tell which
+        """The session whose PIN this is: an active one before an ended one (ended sessions keep their hash
+        while remembered, so a late renter is told "ended"). Every candidate is compared, active or ended:
+        the time taken does not tell which matched, or whether any did."""
+        active = ended = None
+        for session in self.book.sessions.values():
             if session.pin_hash is not None and pin_matches(self._pin_key, session.id, pin, session.pin_hash):
-                matched = session
-        return matched
+                if session.ended is None:
+                    active = session
+                else:
+                    ended = session
+        return active if active is not None else ended
 
     async def enter(self, pin: str, *, actuate: bool = True, source: str = "keypad") -> Decision:
         async with self._lock:
@@ -193,7 +201,10 @@ class AccessController:
                 # lost as in a crash between the two, and counted.)
                 return Decision("refused", "store-unavailable"), False
             return decision, False
-        started = self.lockout.failed(now)
+        # Only a PIN that matches no session is a guess. A right PIN refused by policy (its session ended or
+        # expired, the sync too old) neither counts toward the lockout (a late renter cannot lock the keypad)
+        # nor resets it (an old PIN must not wipe a guesser's count).
+        started = self.lockout.failed(now) if session is None else 0.0
         decision = Decision(
             "refused",
             reason,

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from fleetgate.sync.crypto.device_keys import hash_pin
@@ -166,9 +166,13 @@ class SessionBook:
         incoming: Iterable[IncomingSession],
         as_of_ns: int,
         pin_key: bytes,
-        expires: dict[int, int | None],
+        expires: dict[int, int | None] | None,
     ) -> list[Change]:
-        """Apply a full session set of this vehicle; returns what changed (state transitions only)."""
+        """Apply a full session set of this vehicle; returns what changed (state transitions only).
+
+        ``expires``: each listed session's hard end, from a channel that carries them (the signed MQTT set:
+        a session it lists without one has none); None from a channel that does not (REEF), which then
+        leaves every expiry as it was. A channel never erases what only the other one says."""
         changes: list[Change] = []
         listed: set[int] = set()
         for new in incoming:
@@ -177,30 +181,27 @@ class SessionBook:
             if old is not None and old.ended is not None:
                 continue  # ended for good
             completion = _ns(new.completion)
+            expiry = (old.expires_ns if old is not None else None) if expires is None else expires.get(new.id)
+            pin_hash = hash_pin(pin_key, new.id, new.pin) if new.pin is not None else None
+            if pin_hash is None and old is not None:
+                pin_hash = old.pin_hash
             if completion is not None:
+                # The hash stays while the session is remembered: its PIN is then answered "ended", not
+                # counted as a guess (docs/security.md).
                 ended = LocalSession(
                     new.id,
                     new.verification_id,
                     _ns(new.initialization) or 0,
                     completion,
-                    None,
-                    None,
+                    expiry,
+                    pin_hash,
                     "completed",
                 )
                 self.sessions[new.id] = ended
                 changes.append(Change(new.id, new.verification_id, old.state if old else None, "ended"))
                 continue
-            pin_hash = hash_pin(pin_key, new.id, new.pin) if new.pin is not None else None
-            if pin_hash is None and old is not None:
-                pin_hash = old.pin_hash
             self.sessions[new.id] = LocalSession(
-                new.id,
-                new.verification_id,
-                _ns(new.initialization) or 0,
-                None,
-                expires.get(new.id),
-                pin_hash,
-                None,
+                new.id, new.verification_id, _ns(new.initialization) or 0, None, expiry, pin_hash, None
             )
             if old is None:
                 changes.append(Change(new.id, new.verification_id, None, "active"))
@@ -208,7 +209,7 @@ class SessionBook:
             if session.id in listed or session.ended is not None:
                 continue
             if session.initialization_ns <= as_of_ns:
-                self.sessions[session.id] = replace(session, ended="removed", pin_hash=None)
+                self.sessions[session.id] = replace(session, ended="removed")
                 changes.append(Change(session.id, session.verification_id, "active", "ended"))
         self._forget_old_ended()
         return changes
@@ -267,17 +268,26 @@ class SessionBook:
         return book
 
 
+def utc(wall_ns: int | None) -> str | None:
+    """``2021-06-10T22:07:39Z``, or with the microseconds when there are any (the session set's format)."""
+    if wall_ns is None:
+        return None
+    seconds, micros = divmod(wall_ns // 1000, 1_000_000)
+    text = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return text + (f".{micros:06d}" if micros else "") + "Z"
+
+
 def ack_body(
     book: SessionBook, vin: str, source: str, version: int | None, changes: Sequence[Change]
 ) -> dict[str, Any]:
-    """The acknowledgement published after a change: every session's id and state, so the cloud can tell
-    whether the vehicle holds its current set (REEF's ``/synchronized``)."""
+    """The acknowledgement published after a change: every session's id, state and the expiry the vehicle
+    enforces, so the cloud can tell whether the vehicle holds its current set (REEF's ``/synchronized``)."""
     return {
         "vin": vin,
         "source": source,
         "version": version,
         "sessions": [
-            {"id": s.id, "verification_id": s.verification_id, "state": s.state}
+            {"id": s.id, "verification_id": s.verification_id, "state": s.state, "expires": utc(s.expires_ns)}
             for s in sorted(book.sessions.values(), key=lambda s: s.id)
         ],
         "changed": [{"id": c.id, "from": c.before, "to": c.after} for c in changes],

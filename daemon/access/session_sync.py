@@ -137,7 +137,8 @@ class SessionSync:
                 old.mqtt_issued if old else None,
                 old.mqtt_digest if old else None,
             )
-            await self._commit(sessions, as_of, {}, mark, "reef", mark.mqtt_version, ack_always=False)
+            # REEF carries no expiry: the merge keeps what a signed set said (None: not this channel's).
+            await self._commit(sessions, as_of, None, mark, "reef", mark.mqtt_version, ack_always=False)
 
     # -- both ------------------------------------------------------------------------------------------------
 
@@ -145,7 +146,7 @@ class SessionSync:
         self,
         incoming: Sequence[Any],
         as_of_ns: int,
-        expires: dict[int, int | None],
+        expires: dict[int, int | None] | None,
         mark: SyncMark,
         source: str,
         version: int | None,
