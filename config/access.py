@@ -155,3 +155,22 @@ class StartEnableConfig(Section):
     gpio_chip: ResolvedPath = Field(Path("/dev/gpiochip0"), description="gpio: the GPIO character device.")
     gpio_line: Int = Field(17, ge=0, le=65_535, description="gpio: line offset on the chip.")
     active_low: bool = Field(False, description="gpio: the line is low when start is enabled.")
+
+
+class RulesConfig(Section):
+    enabled: bool = Field(
+        False,
+        description="Edge rules (docs/mqtt.md, down/rules): geofences and signal thresholds evaluated on every "
+        "reading, offline too; crossings are rule-enter / rule-leave events.",
+    )
+    signing_keys: list[PublicKey] = Field(
+        default_factory=list,
+        description="Ed25519 public keys (base64) rule sets must be signed with; more than one during a key "
+        "rotation.",
+    )
+
+    @model_validator(mode="after")
+    def _signed(self) -> RulesConfig:
+        if self.enabled and not self.signing_keys:
+            raise ValueError("rules need signing_keys: rule sets arrive signed on the MQTT downlink")
+        return self

@@ -15,7 +15,7 @@ from typing import Annotated, Literal, get_args, get_origin
 from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
-from fleetgate.config.access import KeypadConfig, SessionsConfig, StartEnableConfig
+from fleetgate.config.access import KeypadConfig, RulesConfig, SessionsConfig, StartEnableConfig
 from fleetgate.config.segway import SegwayConfig
 from fleetgate.config.signals import CATALOGUE
 from fleetgate.config.types import Baudrate, Float, Int, ResolvedPath, SecretFile, Section, resolve_device
@@ -415,6 +415,7 @@ class Config(Section):
     time: TimeConfig = TimeConfig()
     mqtt: MqttConfig = MqttConfig()
     sessions: SessionsConfig = SessionsConfig()
+    rules: RulesConfig = RulesConfig()
     keypad: KeypadConfig = KeypadConfig()
     start_enable: StartEnableConfig = StartEnableConfig()
     segway: SegwayConfig = SegwayConfig()
@@ -425,6 +426,8 @@ class Config(Section):
             raise ValueError("sessions.enabled needs device.secret_file (the key of the PIN hashes at rest)")
         if self.sessions.signing_keys and self.sessions.enabled and not self.mqtt.enabled:
             raise ValueError("sessions.signing_keys is for the MQTT downlink, but mqtt.enabled is false")
+        if self.rules.enabled and not self.mqtt.enabled:
+            raise ValueError("rules.enabled needs mqtt.enabled: rule sets arrive on the MQTT downlink")
         if self.segway.enabled and self.device.role != "depot":
             raise ValueError('segway.enabled is for a depot gateway: set device.role = "depot"')
         if self.segway.enabled and self.device.secret_file is None:

@@ -15,6 +15,7 @@ import time
 from fleetgate import __version__
 from fleetgate.config.schema import Config
 from fleetgate.daemon.access import feature as access
+from fleetgate.daemon.rules import feature as rules
 from fleetgate.daemon.runtime.control import ControlSocketError
 from fleetgate.daemon.runtime.core import Core
 from fleetgate.daemon.runtime.feature import Build, FeatureError
@@ -32,7 +33,7 @@ EXIT_FAILURE = 1
 EXIT_CONFIG = 78  # EX_CONFIG, as the CLI's: systemd does not restart on it (RestartPreventExitStatus=78)
 
 # Built in this order; each decides from the configuration what of it runs (a disabled one may still answer).
-FEATURES: tuple[Build, ...] = (telemetry.build, access.build, scooters.build, uplink.build)
+FEATURES: tuple[Build, ...] = (telemetry.build, access.build, rules.build, scooters.build, uplink.build)
 
 
 async def run_daemon(config: Config, notifier: Notifier | None = None) -> int:

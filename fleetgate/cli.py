@@ -48,6 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, what in (
         ("obd", "adapter, VIN, live values, MIL and DTCs, ignition"),
         ("gps", "fix, satellites, time trust"),
+        ("rules", "edge rules: each rule, its state and last crossing; the rule set's version"),
     ):
         view = sub.add_parser(name, help=f"{what} (from the running daemon)")
         view.add_argument("--json", action="store_true", help="print the raw JSON reply")
@@ -299,6 +300,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "queue": _view("queue", render.queue),
     "sync": lambda args: _sync(args),
     "sessions": _view("sessions", render.sessions),
+    "rules": _view("rules", render.rules),
     "pin": _pin,
     "scooters": _view("scooters", render.scooters),
     "scooter": _scooter,

@@ -374,3 +374,32 @@ def scooter_result(r: dict[str, Any]) -> str:
     if r.get("data"):
         text += "\n" + "\n".join(f"  {k}: {_value(v)}" for k, v in r["data"].items())
     return text
+
+
+def rules(r: dict[str, Any]) -> str:
+    """``fleetgate rules``: the applied rule set, and each rule's state and last reported crossing."""
+    if not r.get("enabled", True):
+        return "edge rules: disabled"
+    if r["version"] is None:
+        return "edge rules: no rule set received yet"
+    lines = [f"rule set version {r['version']}, issued {r['issued_at']}: {len(r['rules'])} rule(s)"]
+    for rule in r["rules"]:
+        state = "unevaluated" if not rule["evaluated"] else ("covered" if rule["covered"] else "uncovered")
+        last = rule["last_crossing"]
+        crossing = (
+            "never"
+            if last is None
+            else f"{last['direction']} at {_moment(last['wall_ns'])} ({last['signal']})"
+        )
+        lines.append(f"  {rule['id']}  {rule['name'] or '-'}: {state}; last crossing {crossing}")
+    counts, suppressed = r["counts"], r["suppressed"]
+    lines.append(
+        f"crossings {counts['crossings']} (dropped {counts['dropped']}); suppressed: "
+        + ", ".join(f"{k} {v}" for k, v in suppressed.items())
+        + (
+            "; rejected sets: " + ", ".join(f"{k} {v}" for k, v in r["rejected"].items())
+            if r["rejected"]
+            else ""
+        )
+    )
+    return "\n".join(lines)

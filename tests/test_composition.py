@@ -27,7 +27,7 @@ async def composed(config: Config) -> tuple[Core, dict[str, Any]]:
 
 def test_the_embedded_defaults_compose_the_runtime_and_every_feature(tmp_path):
     core, snap = asyncio.run(composed(Config(store=StoreConfig(state_dir=tmp_path))))
-    assert core.control.commands == ["gps", "obd", "ping", "queue", "scooters", "sessions", "status"]
+    assert core.control.commands == ["gps", "obd", "ping", "queue", "rules", "scooters", "sessions", "status"]
     assert [s["name"] for s in snap["components"]] == [
         "control",
         "readings",
@@ -51,7 +51,7 @@ def test_with_mqtt_the_uplink_adds_its_components_verb_and_status_sections(tmp_p
     assert names[-4:] == ["uplink", "packer", "net-watch", "outbox-spill"]
     assert snap["uplink"]["enabled"] is True and snap["uplink"]["online"] is False
     assert snap["uplink"]["eta_s"] == 0.0  # nothing waiting
-    assert snap["outbox"]["packer"] == {"segments": 0, "records": 0, "bytes_saved": 0}
+    assert snap["outbox"]["packer"] == {"segments": 0, "records": 0, "bytes_saved": 0, "spills_sealed": 0}
     memory = snap["outbox"]["memory"]  # live records held in memory until acknowledged (sync/store/hot.py)
     assert set(memory) == {"telemetry", "heartbeat"}
     assert memory["telemetry"]["held"] == 0 and memory["telemetry"]["window_s"] == 12.0

@@ -103,6 +103,7 @@ class Evaluator:
         self._inside: set[str] | None = None  # fenced rules containing the last position
         self.values: dict[str, Any] = {}
         self.suppressed = {"window": 0, "cooldown": 0, "untrusted-time": 0}
+        self.state_changes = 0  # every change of a rule's evaluated/covered, reported or not
 
     @property
     def states(self) -> dict[str, RuleState]:
@@ -166,6 +167,7 @@ class Evaluator:
             return None
         first = not state.evaluated
         state.evaluated, state.covered = True, covered
+        self.state_changes += 1
         direction = "enter" if covered else "leave"
         why = self._suppressed(tracked.rule, state, direction, wall_ns, trusted)
         if why is not None:

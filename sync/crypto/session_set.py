@@ -86,7 +86,6 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import hmac
 import json
 import re
 from collections.abc import Sequence
@@ -101,8 +100,10 @@ from nacl.signing import SigningKey, VerifyKey
 from fleetgate.sync.crypto.signed import (
     SignedRejected,
     b64,
+    format_timestamp,
     is_int,
     json_type,
+    judge_fresh,
     load_json,
     no_unknown,
     open_signed,
@@ -222,27 +223,11 @@ def check_fresh(
     older version is ``older-version`` whether or not its bytes are exactly a set applied before.
     A naive ``last_issued_at`` is taken as UTC.
     """
-    if last_version is None:
-        return "apply"
-    if new.version < last_version:
-        raise SessionSetRejected(
-            "older-version", f"version {new.version} is older than the applied version {last_version}"
-        )
-    if new.version == last_version:
-        if last_digest is not None and hmac.compare_digest(new.digest, last_digest):
-            return "duplicate"
-        raise SessionSetRejected(
-            "replayed", f"version {new.version} was already applied with a different body"
-        )
-    if last_issued_at is not None:
-        last = last_issued_at if last_issued_at.tzinfo else last_issued_at.replace(tzinfo=UTC)
-        if new.issued_at < last:
-            raise SessionSetRejected(
-                "issued-earlier",
-                f"version {new.version} is issued at {format_timestamp(new.issued_at)}, before the applied "
-                f"version {last_version} ({format_timestamp(last)})",
-            )
-    return "apply"
+    last = None if last_version is None else (last_version, last_issued_at, last_digest)
+    try:
+        return judge_fresh(new.version, new.issued_at, new.digest, last)
+    except SignedRejected as exc:
+        raise SessionSetRejected(exc.reason, exc.detail) from None  # type: ignore[arg-type]
 
 
 # -- cloud side ----------------------------------------------------------------------------------------------
@@ -319,13 +304,6 @@ def seal_session_set(
     except SignedRejected as exc:
         raise ValueError(exc.detail) from None
     return seal_signed(body, prefix=SIGNING_PREFIX, signing_key=signing_key)
-
-
-def format_timestamp(moment: datetime) -> str:
-    """A datetime as a wire timestamp (UTC, ``Z``; microseconds only when non-zero). Naive means UTC."""
-    utc = moment.astimezone(UTC) if moment.tzinfo else moment
-    text = utc.replace(tzinfo=None).isoformat(timespec="microseconds" if utc.microsecond else "seconds")
-    return text + "Z"
 
 
 # -- parsing -------------------------------------------------------------------------------------------------

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import json
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any, NoReturn
+from datetime import UTC, datetime
+from typing import Any, Literal, NoReturn
 
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
@@ -200,3 +202,45 @@ def json_type(value: Any) -> str:
 def quote(text: str, limit: int = 64) -> str:
     """An untrusted string for a log line: quoted, escaped, shortened."""
     return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def format_timestamp(moment: datetime) -> str:
+    """A datetime as a wire timestamp (UTC, ``Z``; microseconds only when non-zero). Naive means UTC."""
+    utc = moment.astimezone(UTC) if moment.tzinfo else moment
+    text = utc.replace(tzinfo=None).isoformat(timespec="microseconds" if utc.microsecond else "seconds")
+    return text + "Z"
+
+
+def judge_fresh(
+    version: int,
+    issued_at: datetime,
+    digest: bytes,
+    last: tuple[int, datetime | None, bytes | None] | None,
+) -> Literal["apply", "duplicate"]:
+    """A versioned downlink set (session set, rule set) against the last applied one (``last``: its version,
+    issue time and body digest; None if none was applied yet).
+
+    ``"duplicate"``: the very set applied last (the retained message redelivered on reconnect): it confirms,
+    and changes nothing. ``"apply"``: newer. Otherwise ``SignedRejected`` with ``older-version``, ``replayed``
+    (the same version, another body) or ``issued-earlier`` (a higher version issued before the last). A naive
+    issue time is taken as UTC."""
+    if last is None:
+        return "apply"
+    last_version, last_issued_at, last_digest = last
+    if version < last_version:
+        raise SignedRejected(
+            "older-version", f"version {version} is older than the applied version {last_version}"
+        )
+    if version == last_version:
+        if last_digest is not None and hmac.compare_digest(digest, last_digest):
+            return "duplicate"
+        raise SignedRejected("replayed", f"version {version} was already applied with a different body")
+    if last_issued_at is not None:
+        previous = last_issued_at if last_issued_at.tzinfo else last_issued_at.replace(tzinfo=UTC)
+        if issued_at < previous:
+            raise SignedRejected(
+                "issued-earlier",
+                f"version {version} is issued at {format_timestamp(issued_at)}, before the applied version "
+                f"{last_version} ({format_timestamp(previous)})",
+            )
+    return "apply"
