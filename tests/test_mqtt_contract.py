@@ -156,11 +156,12 @@ def check_envelope(envelope: dict, *, topic: str | None = None, strict: bool = T
 
 
 def event_branches() -> set[str]:
-    return {
-        b["properties"]["event"]["const"]
-        for b in SCHEMAS["event"]["oneOf"]
-        if "const" in b.get("properties", {}).get("event", {})
-    }
+    """Every event name a branch of the event schema names (``const``, or ``enum`` for a shared shape)."""
+    names: set[str] = set()
+    for b in SCHEMAS["event"]["oneOf"]:
+        event = b.get("properties", {}).get("event", {})
+        names.update([event["const"]] if "const" in event else event.get("enum", []))
+    return names
 
 
 # -- the document on its own ------------------------------------------------------------------------------

@@ -118,7 +118,9 @@ class EdgeRules:
             "snapshot": crossing.snapshot,
             "rule_set_version": None if self._applied is None else self._applied["version"],
         }
-        return self._core.events.record(f"rule-{crossing.direction}", body, stamp)
+        if crossing.direction == "enter":
+            return self._core.events.record("rule-enter", body, stamp)
+        return self._core.events.record("rule-leave", body, stamp)
 
     async def run(self) -> None:
         try:

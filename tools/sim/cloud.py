@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The cloud's side of the session downlink, for operators, development and the demo.
+"""The cloud's side of the signed downlink (session sets, edge rules, scooter commands), for operators, development
+and the demo.
 
     python tools/sim/cloud.py keygen --out DIR
     python tools/sim/cloud.py pubkey --secret-file F [--create]
@@ -21,6 +22,11 @@ command  a signed scooter command for a depot gateway (docs/mqtt.md, "Downlink: 
          operation's parameters; prints the message, or with --host publishes it (QoS 1, not retained) to
          {root}/{device}/down/scooter-commands.
 
+rules    a signed edge-rule set (docs/mqtt.md, "Downlink: edge rules"): --rules is a JSON file, the list of rules;
+         --version must rise with every set; prints the message, or with --host publishes it retained at QoS 1
+         to {root}/{device}/down/rules.
+
+    python tools/sim/cloud.py rules --signing-key F --device ID --version N --rules FILE [--host H ...]
     python tools/sim/cloud.py command --signing-key F --device ID --seq N --iot-code IOT --op unlock \
                                    [--param speedMode=2] [--id ID] [--expires-in S] [--via auto|ble|cloud]
                                    [--host H ...]
@@ -51,6 +57,7 @@ from fleetgate.sync.crypto.device_keys import (
     generate_secret_file,
     read_secret_file,
 )
+from fleetgate.sync.crypto.rule_set import seal_rule_set
 from fleetgate.sync.crypto.scooter_command import seal_command
 from fleetgate.sync.crypto.session_set import seal_session_set
 from fleetgate.sync.mqtt.topics import Topics
@@ -153,6 +160,22 @@ def command(args: argparse.Namespace) -> bytes:
         raise _fail(str(exc)) from None
 
 
+def rules(args: argparse.Namespace) -> bytes:
+    try:
+        raw = json.loads(args.rules.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise _fail(f"--rules {args.rules}: {exc}") from None
+    if not isinstance(raw, list):
+        raise _fail(f"--rules {args.rules}: not a JSON list of rules")
+    return seal_rule_set(
+        device=args.device,
+        version=args.version,
+        issued_at=datetime.now(UTC),
+        rules=raw,
+        signing_key=load_signing_key(args.signing_key),
+    )
+
+
 async def publish(
     args: argparse.Namespace, payload: bytes, name: str = "sessions", retain: bool = True
 ) -> str:
@@ -217,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
         "--via", choices=("auto", "ble", "cloud"), help="the channel (default: not said, which means auto)"
     )
     _broker_options(p, required=False)
+    p = sub.add_parser("rules", help="sign (and with --host publish, retained) an edge-rule set")
+    p.add_argument("--signing-key", type=Path, required=True)
+    p.add_argument("--device", required=True)
+    p.add_argument("--version", type=int, required=True, help="above every earlier set's to this device")
+    p.add_argument("--rules", type=Path, required=True, help="JSON file: the list of rules")
+    _broker_options(p, required=False)
     args = parser.parse_args(argv)
 
     if args.command == "keygen":
@@ -230,6 +259,15 @@ def main(argv: list[str] | None = None) -> int:
             raise _fail(str(exc)) from None
     elif args.command == "sign":
         sys.stdout.write(sign(args).decode("ascii") + "\n")
+    elif args.command == "rules" and not args.host:
+        sys.stdout.write(rules(args).decode("ascii") + "\n")
+    elif args.command == "rules":
+        payload = rules(args)
+        try:
+            topic = asyncio.run(publish(args, payload, "rules"))
+        except Exception as exc:  # aiomqtt.MqttError, ssl and OS errors: one line, no traceback
+            raise _fail(f"publish to {args.host}:{args.port} failed: {exc}") from None
+        print(f"published {len(payload)} bytes, retained, QoS 1, to {topic}", file=sys.stderr)
     elif args.command == "command" and not args.host:
         sys.stdout.write(command(args).decode("ascii") + "\n")
     elif args.command == "command":
