@@ -300,3 +300,28 @@ def test_saved_open_dtcs_that_cannot_be_decoded_are_quarantined_not_fatal(tmp_pa
     assert [e["event"] for e in events] == ["state-quarantined", "dtc-on"]
     assert set(tracker.active) == {"P0420"}
     assert tracker.saved.alerts()
+
+
+def test_hard_acceleration_and_braking_are_events_with_the_trip_and_the_speeds(tmp_path):
+    async def body(p: Parts):
+        rec = p.recorder()
+        await rec.restore()
+        await drive(rec, 0, 3, 10.0)  # the trip starts
+        rec.observe_fix(3 * S, 52.52, 13.405)
+        for t, kmh in ((3, 40.0), (4, 42.0), (5, 10.0)):  # +30 km/h in 1 s, then -32 km/h in 1 s
+            rec.observe_speed(t * S, kmh)
+        await rec.flush_harsh()
+        await rec.flush_harsh()  # nothing twice
+        return await p.events_seen(), rec.trip
+
+    events, trip = run(tmp_path / "s.db", body)
+    harsh = [e for e in events if e["event"] in ("hard-accel", "hard-brake")]
+    assert [(e["event"], e["from_kmh"], e["to_kmh"]) for e in harsh] == [
+        ("hard-accel", 10.0, 40.0),
+        ("hard-brake", 42.0, 10.0),
+    ]
+    assert harsh[0]["accel_mps2"] == pytest.approx(30 / 3.6, abs=0.01) and harsh[0]["threshold_mps2"] == 3.0
+    assert harsh[1]["accel_mps2"] == pytest.approx(-32 / 3.6, abs=0.01) and harsh[1]["threshold_mps2"] == 3.5
+    assert {e["trip_id"] for e in harsh} == {trip.id}
+    assert harsh[1]["location"] == {"type": "Point", "coordinates": [13.405, 52.52]}
+    assert (trip.hard_accel_count, trip.hard_brake_count) == (1, 1)

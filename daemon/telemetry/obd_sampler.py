@@ -143,6 +143,7 @@ class ObdSampler:
                         break  # the rest of this round would only wait out the same silence
             if evidence is not None:
                 await self._trips.observe_running(evidence.mono_ns, evidence.running or self._charging())
+            await self._trips.flush_harsh()
             await self._sink.wait_for_room()
             await asyncio.sleep(max(0.0, min(due.values()) - time.monotonic()))
 

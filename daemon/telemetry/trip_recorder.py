@@ -17,8 +17,8 @@ from fleetgate.config.schema import TripsConfig
 from fleetgate.daemon.runtime.clock import Clock
 from fleetgate.daemon.runtime.events import Events, iso_utc
 from fleetgate.daemon.runtime.saved_state import SavedState
-from fleetgate.daemon.telemetry.trips import IgnitionDetector, Trip, TripThresholds, geojson_point
-from fleetgate.sync.store import Stamp, StateStore
+from fleetgate.daemon.telemetry.trips import Harsh, IgnitionDetector, Trip, TripThresholds, geojson_point
+from fleetgate.sync.store import NewRecord, Stamp, StateStore
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class TripRecorder:
         self._recent_fixes: deque[tuple[int, float, float, int | None]] = deque(maxlen=RECENT_SAMPLES)
         self.trips_completed = 0
         self._restored = False
+        self._harsh: list[NewRecord] = []  # hard-accel / hard-brake events not yet committed
 
     async def restore(self) -> None:
         """Pick up a trip saved before a restart (call once, before evidence arrives)."""
@@ -87,9 +88,32 @@ class TripRecorder:
 
     def observe_speed(self, mono_ns: int, kmh: float) -> None:
         if self.trip is not None:
-            self.trip.add_speed(mono_ns, kmh, self.thresholds)
+            harsh = self.trip.add_speed(mono_ns, kmh, self.thresholds)
+            if harsh is not None:
+                self._harsh.append(self._harsh_record(harsh, mono_ns))
         else:
             self._recent_speeds.append((mono_ns, kmh))
+
+    def _harsh_record(self, harsh: Harsh, mono_ns: int) -> NewRecord:
+        body = {
+            "trip_id": self.trip.id if self.trip else None,
+            "from_kmh": round(harsh.from_kmh, 1),
+            "to_kmh": round(harsh.to_kmh, 1),
+            "accel_mps2": round(harsh.accel_mps2, 2),
+            "threshold_mps2": harsh.threshold_mps2,
+            "location": geojson_point(self.position),
+        }
+        stamp = self._stamp(mono_ns)
+        if harsh.kind == "hard-accel":
+            return self._events.record("hard-accel", body, stamp)
+        return self._events.record("hard-brake", body, stamp)
+
+    async def flush_harsh(self) -> None:
+        """Commit the hard accelerations and brakings seen since the last call (the sampler calls it every
+        round, so they reach the outbox within a second of the sample)."""
+        if self._harsh:
+            records, self._harsh = self._harsh, []
+            await self._events.emit(*records)
 
     def observe_fix(self, mono_ns: int, lat: float, lon: float, gps_time_ns: int | None = None) -> None:
         self.position = (lat, lon)

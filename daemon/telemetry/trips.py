@@ -68,6 +68,17 @@ class IgnitionDetector:
         return flipped_at
 
 
+@dataclass(frozen=True)
+class Harsh:
+    """A hard acceleration or braking between two speed samples of a trip."""
+
+    kind: str  # "hard-accel" or "hard-brake"
+    from_kmh: float
+    to_kmh: float
+    accel_mps2: float  # negative when braking
+    threshold_mps2: float
+
+
 @dataclass
 class Trip:
     """A trip's running statistics. All times are CLOCK_BOOTTIME ns of ``boot_id``."""
@@ -101,8 +112,10 @@ class Trip:
             trip.preview.append(position)
         return trip
 
-    def add_speed(self, mono_ns: int, kmh: float, th: TripThresholds) -> None:
+    def add_speed(self, mono_ns: int, kmh: float, th: TripThresholds) -> Harsh | None:
+        """Take a speed sample; returns the hard acceleration or braking it completes, if any."""
         self.last_mono_ns = max(self.last_mono_ns, mono_ns)
+        harsh = None
         self.speed_samples += 1
         self.speed_sum += kmh
         self.max_speed_kmh = max(self.max_speed_kmh, kmh)
@@ -121,9 +134,12 @@ class Trip:
                 accel = (kmh - prev_kmh) / KMH_PER_MPS / dt
                 if accel >= th.hard_accel_mps2:
                     self.hard_accel_count += 1
+                    harsh = Harsh("hard-accel", prev_kmh, kmh, accel, th.hard_accel_mps2)
                 elif -accel >= th.hard_brake_mps2:
                     self.hard_brake_count += 1
+                    harsh = Harsh("hard-brake", prev_kmh, kmh, accel, th.hard_brake_mps2)
         self.last_speed = (mono_ns, kmh)
+        return harsh
 
     def add_fix(
         self, mono_ns: int, lat: float, lon: float, th: TripThresholds, gps_time_ns: int | None = None
