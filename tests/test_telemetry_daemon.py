@@ -238,8 +238,19 @@ def test_adapter_unplugged_and_plugged_back_recovers(tmp_path, start_daemon, emu
             "new rpm readings",
             lambda: len([r for r in records(db, "telemetry") if r["signal"] == "rpm"]) > before,
         )
-    assert daemon.proc.poll() is None
+        assert daemon.proc.poll() is None
     daemon.terminate()
+    plug = [(e["event"], e["reason"]) for e in events(db) if e["event"].startswith("obd-plugged")]
+    assert [name for name, _ in plug] == ["obd-plugged-in", "obd-plugged-out", "obd-plugged-in"], plug
+    assert plug[1][1] in ("the adapter link was lost", "the adapter does not answer"), plug
+
+    # A restart with the adapter where it was announces nothing new.
+    with ElmEmulator(link=tmp_path / "ttyOBD"):
+        daemon = start_daemon(vehicle_config(tmp_path, emulator.port, None))
+        daemon.wait_ready()
+        wait_until("OBD connected", lambda: cli_json(daemon, "obd")["state"] == "connected", timeout=60)
+        daemon.terminate()
+    assert len([e for e in events(db) if e["event"].startswith("obd-plugged")]) == 3
 
 
 def test_a_silent_gpsd_does_not_hang_the_daemon(tmp_path, start_daemon):

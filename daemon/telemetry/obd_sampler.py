@@ -29,6 +29,11 @@ from fleetgate.sync.store import StateStore
 log = logging.getLogger(__name__)
 
 VIN_STATE_KEY = "vehicle.vin"
+PLUGGED_STATE_KEY = "obd.plugged"
+# An adapter on a vehicle's port reads the 12 V battery; pulled out (but still on USB or Bluetooth) it reads
+# next to nothing. Between the two thresholds nothing changes (no flapping on a sagging battery).
+UNPLUGGED_BELOW_V = 4.0
+PLUGGED_FROM_V = 8.0
 DTC_TASK = "#dtc"
 VOLTAGE_TASK = "#adapter_voltage"
 VOLTAGE_FRESH_NS = 30 * 1_000_000_000  # a voltage older than this no longer counts as ignition evidence
@@ -71,6 +76,9 @@ class ObdSampler:
         self.state = "disconnected"
         self.connected_since: float | None = None
         self.ecu_silent = False
+        self.plugged: bool | None = (
+            None  # None: not known yet this run (the saved value is loaded at connect)
+        )
         # (mono_ns, volts) of the latest control-module voltage: the ECU answers it only while awake.
         self._voltage: tuple[int, float] | None = None
 
@@ -79,17 +87,45 @@ class ObdSampler:
         adapter = self.adapter
         self.state = "connecting"
         try:
-            info = await adapter.connect()
+            try:
+                info = await adapter.connect()
+            except ObdError:
+                await self._set_plugged(False, "the adapter does not answer")
+                raise
             self.state = "connected"
             self.connected_since = time.time()
             log.info("OBD adapter connected", extra={"port": cfg.port, "protocol": info.protocol})
+            await self._set_plugged(True, "the adapter answers")
             await self._identify(info.vin, info.protocol)
             await self._trips.restore()
             await self._poll(adapter)
+        except ObdError:
+            await self._set_plugged(False, "the adapter link was lost")
+            raise
         finally:
             self.state = "disconnected"
             self.connected_since = None
             await adapter.close()
+
+    async def _set_plugged(self, plugged: bool, reason: str, volts: float | None = None) -> None:
+        """``obd-plugged-in`` / ``obd-plugged-out`` on a change (the insurance portal's PluggedIn/PluggedOut),
+        committed with the new state, so a restart with the adapter where it was announces nothing."""
+        if self.plugged is None:
+            self.plugged = await self.saved.load(
+                PLUGGED_STATE_KEY, _plugged, lambda: (None, None), "the next plug state is announced as new"
+            )
+        if plugged == self.plugged:
+            return
+        self.plugged = plugged
+        info = self.adapter.info
+        body = {"reason": reason, "adapter_voltage": volts, "vin": info.vin if info else None}
+        log.warning("OBD adapter " + ("plugged in" if plugged else "unplugged"), extra={"reason": reason})
+        record = (
+            self._events.record("obd-plugged-in", body)
+            if plugged
+            else self._events.record("obd-plugged-out", body)
+        )
+        await self._events.emit(record, state={PLUGGED_STATE_KEY: plugged})
 
     async def _identify(self, vin: str | None, protocol: str) -> None:
         if vin is None:
@@ -160,6 +196,10 @@ class ObdSampler:
             volts = await adapter.adapter_voltage()
             if volts is not None:
                 self._sink.add("adapter_voltage", volts)
+                if volts < UNPLUGGED_BELOW_V:
+                    await self._set_plugged(False, f"no vehicle voltage at the port ({volts:.1f} V)", volts)
+                elif volts >= PLUGGED_FROM_V:
+                    await self._set_plugged(True, f"vehicle voltage at the port ({volts:.1f} V)", volts)
             return None
         stamp = self._clock.stamp()  # the moment asked about, not the moment the (maybe slow) answer came
         sample = await adapter.sample(task)
@@ -214,4 +254,10 @@ class ObdSampler:
 def _vin(raw: Any) -> str | None:
     if raw is not None and not isinstance(raw, str):
         raise ValueError("not a VIN string")
+    return raw
+
+
+def _plugged(raw: Any) -> bool | None:
+    if raw is not None and not isinstance(raw, bool):
+        raise ValueError("the saved plug state is not true, false or null")
     return raw
