@@ -325,3 +325,34 @@ def test_hard_acceleration_and_braking_are_events_with_the_trip_and_the_speeds(t
     assert {e["trip_id"] for e in harsh} == {trip.id}
     assert harsh[1]["location"] == {"type": "Point", "coordinates": [13.405, 52.52]}
     assert (trip.hard_accel_count, trip.hard_brake_count) == (1, 1)
+
+
+def test_a_signal_silent_past_its_schedule_is_reported_once_and_its_return_too(tmp_path):
+    from fleetgate.daemon.runtime.readings import ReadingSink
+    from fleetgate.daemon.telemetry.silence import SilenceWatch
+    from fleetgate.sync.store import Stamp
+
+    async def body(p: Parts):
+        sink = ReadingSink(p.outbox, p.clock)
+        expected = {"rpm": 1.0, "vehicle_speed": 10.0}
+        watch = SilenceWatch(sink, p.events, lambda: dict(expected))
+        base = 1_000 * S
+        sink.add("rpm", 800, Stamp(base, base, False))
+        sink.add("vehicle_speed", 30, Stamp(base, base, False))
+        sink.add("odometer", 1.0, Stamp(base, base, False))  # not expected (e.g. the ECU stopped answering)
+        await watch.check(base + 14 * S)  # rpm: 3 intervals is 3 s, but never less than 15 s
+        await watch.check(base + 16 * S)  # rpm silent
+        await watch.check(base + 20 * S)  # reported once
+        del expected["vehicle_speed"]  # its source went down: its silence is no news
+        await watch.check(base + 60 * S)
+        sink.add("rpm", 900, Stamp(base + 61 * S, base + 61 * S, False))
+        await watch.check(base + 62 * S)
+        await watch.check(base + 63 * S)
+        return [e for e in await p.events_seen() if e["event"].startswith("signal-")], watch.snapshot()
+
+    seen, snapshot = run(tmp_path / "s.db", body)
+    assert seen == [
+        {"event": "signal-silent", "signal": "rpm", "silent_s": 16.0, "expected_every_s": 1.0},
+        {"event": "signal-reporting", "signal": "rpm", "silent_s": 61.0},
+    ]
+    assert snapshot == {"silent": []}

@@ -11,6 +11,7 @@ from fleetgate.daemon.runtime.core import Core
 from fleetgate.daemon.runtime.feature import FeatureParts
 from fleetgate.daemon.telemetry.dtc import DtcTracker
 from fleetgate.daemon.telemetry.gps_sampler import GpsSampler, time_view
+from fleetgate.daemon.telemetry.silence import SilenceWatch
 from fleetgate.daemon.telemetry.trip_recorder import TripRecorder
 
 
@@ -40,6 +41,18 @@ async def build(core: Core) -> FeatureParts:
     if config.gps.enabled:
         gps_view = GpsSampler(config.gps, core.clock, core.sink, trips)
         parts.components.append(gps_view)
+
+    def expected() -> dict[str, float]:
+        """Signals whose silence is news now, with their intervals (silence.py)."""
+        out: dict[str, float] = {}
+        if obd_view is not None and obd_view.state == "connected" and not obd_view.ecu_silent:
+            out.update(config.obd.schedule)
+        if gps_view is not None:
+            out["gps_position"] = config.gps.sample_interval_s  # no fix or no gpsd: both are news
+        return out
+
+    if obd_view is not None or gps_view is not None:
+        parts.components.append(SilenceWatch(core.sink, core.events, expected))
     parts.control["obd"] = lambda args: obd_view.snapshot() if obd_view else {"enabled": False}
     parts.control["gps"] = lambda args: (
         gps_view.snapshot() if gps_view else {"enabled": False, "time": time_view(core.clock)}
