@@ -50,11 +50,11 @@ class Cloud:
     def public_key(self) -> str:
         return base64.b64encode(bytes(self.key.verify_key)).decode()
 
-    def publish(self, version: int, rules: list[Any], issued_at: datetime | None = None) -> None:
-        issued_at = issued_at or ISSUED + timedelta(minutes=version)
+    def publish(self, version: int, rules: list[Any], **odometer: Any) -> None:
         payload = seal_rule_set(
-            device=DEVICE, version=version, issued_at=issued_at, rules=rules, signing_key=self.key
-        )
+            device=DEVICE, version=version, issued_at=ISSUED + timedelta(minutes=version), rules=rules,
+            signing_key=self.key, **odometer,
+        )  # fmt: skip
         client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
         client.connect("127.0.0.1", self.port)
         client.loop_start()
@@ -112,7 +112,10 @@ enabled = true
 signing_keys = ["{cloud.public_key}"]
 """,
         )
-        cloud.publish(1, RULES)
+        # With an odometer reading to anchor on and a trigger 100 m from now (GPS distance: no OBD here).
+        anchor = {"odometer": {"reading": 1000, "unit": "km"},
+                  "odometer_triggers": [{"id": "leg", "type": "from_now", "threshold": 100}]}  # fmt: skip
+        cloud.publish(1, RULES, **anchor)
         daemon = start_daemon(config)
         daemon.wait_ready()
 
@@ -130,7 +133,16 @@ signing_keys = ["{cloud.public_key}"]
         assert set(depot["snapshot"]) == {"location"} and depot["trigger"]["signal"] == "gps_position"
         fast = next(e for e in events(consumer, "rule-enter") if e["rule"]["id"] == "fast")
         assert fast["snapshot"]["gps_speed"] >= 45 and fast["trigger"]["signal"] == "gps_speed"
+        [trigger] = wait_until("the distance trigger", lambda: events(consumer, "distance-trigger"))
+        assert trigger["odometerTrigger"] == {
+            "id": "leg",
+            "type": "from_now",
+            "threshold": 100.0,
+            "unit": "m",
+        }
+        assert 1_000_100 <= trigger["estimatedOdometer"] < 1_000_400
         view = rules_view(daemon)
+        assert view["odometer"]["source"] == "cloud" and view["odometer"]["estimate_m"] >= 1_000_100
         assert view["version"] == 1 and [r["id"] for r in view["rules"]] == ["depot", "fast"]
         assert all(r["evaluated"] and r["last_crossing"] for r in view["rules"])
 
@@ -168,7 +180,7 @@ signing_keys = ["{cloud.public_key}"]
             {"type": "radius", "lat": 52.5, "lon": 13.4, "radius": 10},
             {"type": "radius", "lat": 52.6, "lon": 13.4, "radius": 10}]}]  # fmt: skip
         cloud.publish(2, bad)
-        cloud.publish(3, RULES[:1])
+        cloud.publish(3, RULES[:1], **anchor)  # the same reading again: not a new anchor
         wait_until("version 3 applied", lambda: rules_view(daemon)["version"] == 3)
         cloud.publish(2, RULES)  # older than 3
         wait_until("both refusals", lambda: len(rules_view(daemon)["rejected"]) == 2)
@@ -182,4 +194,6 @@ signing_keys = ["{cloud.public_key}"]
         assert "rules[2].boundaries[1]: a rule has at most one geospatial boundary" in refusals[0]["detail"]
         applied = events(consumer, "rules-applied")
         assert [(a["version"], a["rules"], a["kept"]) for a in applied] == [(1, 2, 0), (3, 1, 1)]
+        assert rules_view(daemon)["odometer"]["estimate_m"] > trigger["estimatedOdometer"]  # not reset
+        assert len(events(consumer, "distance-trigger")) == 1  # from_now fires once
         daemon.terminate()

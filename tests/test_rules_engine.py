@@ -195,3 +195,57 @@ def test_distance_is_the_great_circle_one():
     assert distance_m(52.5200, 13.4050, 48.8566, 2.3522) == pytest.approx(878_000, rel=0.005)  # Berlin-Paris
     assert Circle(52.0, 13.0, 1000).contains(52.0 + 0.0089, 13.0)  # ~990 m north
     assert not Circle(52.0, 13.0, 1000).contains(52.0 + 0.0091, 13.0)  # ~1012 m north
+
+
+def test_the_odometer_follows_the_vehicle_then_an_anchor_and_fires_each_kind_of_trigger():
+    from fleetgate.daemon.rules.odometer import Odometer, parse_anchor, parse_triggers
+
+    triggers = parse_triggers([
+        {"id": "service", "type": "specific", "threshold": 10.5, "unit": "km"},
+        {"id": "leg", "type": "from_now", "threshold": 300},
+        {"id": "every-km", "type": "milestone", "threshold": 1, "unit": "km"},
+    ])  # fmt: skip
+    odo = Odometer(triggers)
+    assert odo.observe("vehicle_speed", 36.0, 0) == [] and odo.estimate_m is None  # no anchor: no estimate
+    assert odo.anchor(parse_anchor({"reading": 10, "unit": "km"}), "cloud") == []
+    fired = []
+    for t in range(1, 101):  # 36 km/h = 10 m/s for 100 s: 1,000 m
+        fired += [(trig.id, round(odo.estimate_m)) for trig in odo.observe("vehicle_speed", 36.0, t * S)]
+    assert odo.estimate_m == pytest.approx(11_000)
+    assert fired == [("leg", 10_300), ("service", 10_500), ("every-km", 11_000)]
+    # The vehicle's own odometer (km) wins: past many kilometre marks, the milestone fires once; the one-off
+    # triggers have fired already.
+    assert [t.id for t in odo.observe("odometer", 11_999.95, 101 * S)] == ["every-km"]
+    assert odo.state.source == "obd" and odo.estimate_m == pytest.approx(11_999_950)
+
+
+def test_gps_distance_counts_only_without_fresh_vehicle_speed_and_never_a_jump():
+    from fleetgate.daemon.rules.odometer import Odometer
+
+    odo = Odometer([])
+    odo.anchor(0.0, "cloud")
+    odo.observe("gps_position", at(52.0, 13.0), 0)
+    odo.observe("gps_position", at(52.001, 13.0), S)  # ~111 m
+    assert odo.estimate_m == pytest.approx(111.2, abs=0.5)
+    odo.observe("gps_position", at(52.1, 13.0), 2 * S)  # an 11 km jump in a second: a glitch
+    assert odo.estimate_m == pytest.approx(111.2, abs=0.5)
+    odo.observe("vehicle_speed", 0.0, 3 * S)
+    odo.observe("gps_position", at(52.101, 13.0), 4 * S)  # speed is fresh: GPS does not count
+    assert odo.estimate_m == pytest.approx(111.2, abs=0.5)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ([{"id": "a", "type": "weekly", "threshold": 1}], "type: 'weekly'"),
+        ([{"id": "a", "type": "specific", "threshold": 0}], "threshold: must be above 0"),
+        ([{"id": "a", "type": "specific", "threshold": 1, "unit": "furlong"}], "unit: 'furlong'"),
+        ([{"id": "a", "type": "specific", "threshold": 1}] * 2, "id: not a unique"),
+    ],
+)
+def test_a_malformed_distance_trigger_is_refused_naming_the_field(raw, message):
+    from fleetgate.daemon.rules.odometer import parse_triggers
+
+    with pytest.raises(RuleError) as caught:
+        parse_triggers(raw)
+    assert message in str(caught.value)

@@ -25,6 +25,13 @@ from nacl.signing import VerifyKey
 
 from fleetgate.daemon.rules.definitions import Rule, RuleError, parse_rules
 from fleetgate.daemon.rules.evaluator import Crossing, Evaluator, RuleState
+from fleetgate.daemon.rules.odometer import (
+    Odometer,
+    OdometerState,
+    Trigger,
+    parse_anchor,
+    parse_triggers,
+)
 from fleetgate.daemon.runtime.core import Core
 from fleetgate.daemon.runtime.feature import FeatureParts
 from fleetgate.daemon.runtime.saved_state import SavedState
@@ -36,21 +43,33 @@ log = logging.getLogger(__name__)
 
 SET_KEY = "rules.set"
 STATE_KEY = "rules.state"
+ODOMETER_KEY = "rules.odometer"
+SAVED_SET_KEYS = {"version", "issued_at", "digest", "rules", "odometer", "odometerTriggers"}
 MAX_PAYLOAD_BYTES = 4 * 1024 * 1024  # 1,000 rules of 100-vertex polygons are ~3 MB of JSON
 SAVE_EVERY_S = 60.0
 MAX_WAITING = 10_000  # crossings not yet committed (a flapping rule with a stalled store): oldest dropped
 REJECTION_EVENT_EVERY_S = 60.0
+ODOMETER_SIGNALS = frozenset({"odometer", "vehicle_speed", "gps_position"})
 
 
 def decode_set(raw: Any) -> dict[str, Any] | None:
     """The saved set (``_saved_set`` wrote it); ValueError naming what is wrong."""
     if raw is None:
         return None
-    if not isinstance(raw, dict) or set(raw) != {"version", "issued_at", "digest", "rules"}:
-        raise ValueError("the saved rule set is not {version, issued_at, digest, rules}")
+    if not isinstance(raw, dict) or set(raw) != SAVED_SET_KEYS:
+        raise ValueError(f"the saved rule set is not {sorted(SAVED_SET_KEYS)}")
     parse_rules(raw["rules"])  # RuleError is a ValueError
+    parse_triggers(raw["odometerTriggers"] or [])
     bytes.fromhex(raw["digest"])
     return raw
+
+
+def decode_odometer(raw: Any) -> OdometerState:
+    if raw is None:
+        return OdometerState()
+    if not isinstance(raw, dict) or set(raw) != {"anchor_m", "driven_m", "source", "trigger_base_m", "fired"}:
+        raise ValueError("the saved odometer is not what this version writes")
+    return OdometerState(**raw)
 
 
 def decode_states(raw: Any) -> dict[str, RuleState]:
@@ -77,26 +96,31 @@ class EdgeRules:
     name = "rules"
 
     def __init__(self, core: Core, verify_keys: list[VerifyKey], saved: dict[str, Any] | None,
-                 states: dict[str, RuleState]) -> None:  # fmt: skip
+                 states: dict[str, RuleState], odometer: OdometerState) -> None:  # fmt: skip
         self._core = core
         self._device = core.config.device.id
         self._verify_keys = verify_keys
         self._applied = saved  # {version, issued_at, digest, rules}
         self.evaluator = Evaluator(parse_rules(saved["rules"]) if saved else [], states)
         self._rules: list[Rule] = parse_rules(saved["rules"]) if saved else []
+        self.odometer = Odometer(parse_triggers((saved or {}).get("odometerTriggers") or []), odometer)
         self._waiting: list[NewRecord] = []
         self._wake = asyncio.Event()
         self._dirty = False
         self._saved_changes = 0
         self._lock = asyncio.Lock()
         self._last_rejection_event: dict[str, float] = {}
-        self.counts = {"applied": 0, "duplicate": 0, "crossings": 0, "dropped": 0}
+        self.counts = {"applied": 0, "duplicate": 0, "crossings": 0, "dropped": 0, "distance_triggers": 0}
         self.rejected: dict[str, int] = {}
 
     # -- readings ------------------------------------------------------------------------------------------
 
     def observe(self, signal: str, value: Any, stamp: Stamp) -> None:
         crossings = self.evaluator.observe(signal, value, stamp.wall_ns, stamp.trusted)
+        fired = self.odometer.observe(signal, value, stamp.mono_ns) if signal in ODOMETER_SIGNALS else []
+        if fired:
+            self._waiting += [self._distance_record(t, stamp) for t in fired]
+            self._dirty = True
         if crossings:
             self._waiting += [self._record(c, stamp) for c in crossings]
             self.counts["crossings"] += len(crossings)
@@ -122,6 +146,14 @@ class EdgeRules:
             return self._core.events.record("rule-enter", body, stamp)
         return self._core.events.record("rule-leave", body, stamp)
 
+    def _distance_record(self, trigger: Trigger, stamp: Stamp) -> NewRecord:
+        self.counts["distance_triggers"] += 1
+        body = {
+            "odometerTrigger": trigger.as_json(),
+            "estimatedOdometer": round(self.odometer.estimate_m or 0.0, 1),
+        }
+        return self._core.events.record("distance-trigger", body, stamp)
+
     async def run(self) -> None:
         try:
             while True:
@@ -139,7 +171,9 @@ class EdgeRules:
         records, self._waiting = self._waiting, []
         self._dirty = False
         try:
-            await self._core.events.emit(*records, state={STATE_KEY: self._states_json()})
+            await self._core.events.emit(
+                *records, state={STATE_KEY: self._states_json(), ODOMETER_KEY: self.odometer.state.as_json()}
+            )
         except Exception:
             self._waiting[:0] = records  # kept for the next try
             self._dirty = True
@@ -164,24 +198,36 @@ class EdgeRules:
                     return
                 try:
                     rules = parse_rules(new.rules)
+                    triggers = parse_triggers(new.odometer_triggers or [])
+                    anchor = None if new.odometer is None else parse_anchor(new.odometer)
                 except RuleError as exc:
                     raise SignedRejected("malformed-rule", str(exc)) from None
             except SignedRejected as exc:
                 await self._rejected(exc)
                 return
-            await self._apply(new, rules)
+            await self._apply(new, rules, triggers, anchor)
 
-    async def _apply(self, new: RuleSet, rules: list[Rule]) -> None:
+    async def _apply(
+        self, new: RuleSet, rules: list[Rule], triggers: list[Trigger], anchor: float | None
+    ) -> None:
         old = self.evaluator.states
         kept = {r.id: old[r.id] for r in rules if r.id in old}
         evaluator = Evaluator(rules, kept)
         saved = {"version": new.version, "issued_at": format_timestamp(new.issued_at), "digest": new.digest.hex(),
-                 "rules": new.rules}  # fmt: skip
+                 "rules": new.rules, "odometer": new.odometer, "odometerTriggers": new.odometer_triggers}  # fmt: skip
         await self._commit()  # crossings of the old set first, with the states they left
         states = {rule_id: state.as_json() for rule_id, state in evaluator.states.items()}
+        self.odometer.set_triggers(triggers)
+        # The same reading in the next set is not a new reading: it must not undo the distance driven since.
+        if anchor is not None and new.odometer != (self._applied or {}).get("odometer"):
+            self._waiting += [
+                self._distance_record(t, self._core.clock.stamp())
+                for t in self.odometer.anchor(anchor, "cloud")
+            ]
         body = {"version": new.version, "rules": len(rules), "kept": len(kept)}
         await self._core.events.emit(
-            self._core.events.record("rules-applied", body), state={SET_KEY: saved, STATE_KEY: states}
+            self._core.events.record("rules-applied", body),
+            state={SET_KEY: saved, STATE_KEY: states, ODOMETER_KEY: self.odometer.state.as_json()},
         )
         self._applied, self._rules, self.evaluator = saved, rules, evaluator
         self._saved_changes = 0
@@ -221,6 +267,13 @@ class EdgeRules:
                 }
                 for r in self._rules
             ],
+            "odometer": {
+                "estimate_m": None
+                if self.odometer.estimate_m is None
+                else round(self.odometer.estimate_m, 1),
+                "source": self.odometer.state.source,
+                "triggers": [t.as_json() for t in self.odometer.triggers],
+            },
             "counts": dict(self.counts),
             "suppressed": dict(self.evaluator.suppressed),
             "rejected": dict(self.rejected),
@@ -238,7 +291,9 @@ async def build(core: Core) -> FeatureParts:
     saved_state = SavedState(core.state, core.events, core.clock)
     saved = await saved_state.load(SET_KEY, decode_set, lambda: (None, None), "no rules until the next set")
     states = await saved_state.load(STATE_KEY, decode_states, lambda: ({}, None), "every rule unevaluated")
-    rules = EdgeRules(core, verify_keys_from_b64(core.config.rules.signing_keys), saved, states)
+    odometer = await saved_state.load(ODOMETER_KEY, decode_odometer, lambda: (OdometerState(), None),
+                                      "no odometer estimate until the next anchor")  # fmt: skip
+    rules = EdgeRules(core, verify_keys_from_b64(core.config.rules.signing_keys), saved, states, odometer)
     core.sink.on_reading(rules.observe)
     return FeatureParts(
         components=[rules],

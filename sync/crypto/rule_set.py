@@ -3,7 +3,10 @@
 The message is the signed envelope of ``signed.py`` with the prefix ``fleetgate/rules/v1\\n``, so no session-set
 or command signature can pass for a rule set. The body (compact UTF-8 JSON)::
 
-    {"device": "veh-0042", "version": 3, "issued_at": "2026-12-07T10:00:00Z", "rules": [ ...rules... ]}
+    {"device": "veh-0042", "version": 3, "issued_at": "2026-12-07T10:00:00Z", "rules": [ ...rules... ],
+     "odometer": {"reading": 15000, "unit": "km"}, "odometerTriggers": [{"id", "type", "threshold", "unit"}]}
+
+(``odometer`` and ``odometerTriggers`` optional: the seed's odometer reading and distance triggers.)
 
 ``rules`` is the whole set for the device, each rule as docs/mqtt.md describes (checked field by field by the
 daemon: daemon/rules/definitions.py). Versions only go up (``judge_fresh``): an older version, the same
@@ -39,7 +42,7 @@ from fleetgate.sync.crypto.signed import (
 
 SIGNING_PREFIX = b"fleetgate/rules/v1\n"
 MAX_INT = 2**63 - 1
-_BODY_KEYS = frozenset({"device", "version", "issued_at", "rules"})
+_BODY_KEYS = frozenset({"device", "version", "issued_at", "rules", "odometer", "odometerTriggers"})
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,6})?Z", re.ASCII)
 
 
@@ -49,6 +52,8 @@ class RuleSet:
     version: int
     issued_at: datetime
     rules: list[Any]  # as received; the daemon checks each rule
+    odometer: Any  # an odometer reading to anchor the estimate on, as received (None: none)
+    odometer_triggers: Any  # distance triggers, as received (None: none)
     digest: bytes  # sha256 of the body: the same version again is a duplicate only with the same bytes
     key_id: str
 
@@ -81,15 +86,32 @@ def open_rule_set(payload: bytes, *, verify_keys: Sequence[VerifyKey], device: s
     rules = require(obj, "rules", "")
     if not isinstance(rules, list):
         malformed("rules", f"must be an array, not {json_type(rules)}")
-    return RuleSet(set_device, version, issued_at, rules, hashlib.sha256(body).digest(), kid)
+    return RuleSet(
+        set_device, version, issued_at, rules, obj.get("odometer"), obj.get("odometerTriggers"),
+        hashlib.sha256(body).digest(), kid,
+    )  # fmt: skip
 
 
 def seal_rule_set(
-    *, device: str, version: int, issued_at: datetime, rules: list[Any], signing_key: SigningKey
+    *,
+    device: str,
+    version: int,
+    issued_at: datetime,
+    rules: list[Any],
+    signing_key: SigningKey,
+    odometer: Any = None,
+    odometer_triggers: Any = None,
 ) -> bytes:
     """The cloud's side (tools/sim/cloud.py, tests): a signed rule-set message."""
-    body = json.dumps(
-        {"device": device, "version": version, "issued_at": format_timestamp(issued_at), "rules": rules},
-        separators=(",", ":"),
-    ).encode()
+    obj: dict[str, Any] = {
+        "device": device,
+        "version": version,
+        "issued_at": format_timestamp(issued_at),
+        "rules": rules,
+    }
+    if odometer is not None:
+        obj["odometer"] = odometer
+    if odometer_triggers is not None:
+        obj["odometerTriggers"] = odometer_triggers
+    body = json.dumps(obj, separators=(",", ":")).encode()
     return seal_signed(body, prefix=SIGNING_PREFIX, signing_key=signing_key)
