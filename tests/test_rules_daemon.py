@@ -1,7 +1,8 @@
 """Edge rules through the real daemon: gpsd fed by gpsfake drives a route out of a depot geofence and back at
-two speeds; a signed rule set on the real broker's ``down/rules``; a consumer checks every event against
-docs/mqtt.md. Crossings made with the link cut arrive when it returns; a restart carries the rules' states on
-(no second first evaluation); an older set and a set with a bad rule are refused, counted, and change nothing.
+two speeds, and the ELM327 emulator on a pty gives the vehicle's own speed; a signed rule set on the real
+broker's ``down/rules``; a consumer checks every event against docs/mqtt.md. Crossings made with the link cut
+arrive when it returns; a restart carries the rules' states on (no second first evaluation); an older set and
+a set with a bad rule are refused, counted, and change nothing.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from test_access_daemon import records
 from fleetgate.sync.crypto.rule_set import seal_rule_set
 
 from conftest import daemon_config, wait_until
+from elm_emulator import ElmEmulator
 from gpsfake_fixture import DRIVE_WAYPOINTS, Gpsfake, moving_route
 from mosquitto_fixture import Mosquitto, free_port
 from mqtt_consumer import Consumer
@@ -30,13 +32,12 @@ DEVICE = "test-0001"
 ROOT = f"fleetgate/v1/{DEVICE}"
 START_LAT, START_LON = DRIVE_WAYPOINTS[0]
 DEPOT = {"type": "radius", "lat": START_LAT, "lon": START_LON, "radius": 40}
+GPS_45 = {"type": "parametric", "parameter": "gps_speed", "min": 45}
+OBD_50 = {"type": "parametric", "parameter": "vehicleSpeed", "min": 50}
 RULES = [
     {"id": "depot", "name": "Depot", "boundaries": [DEPOT]},
-    {
-        "id": "fast",
-        "name": "Over 45",
-        "boundaries": [{"type": "parametric", "parameter": "gps_speed", "min": 45}],
-    },
+    {"id": "fast", "name": "Over 45", "boundaries": [GPS_45]},
+    {"id": "obd-fast", "name": "OBD over 50", "boundaries": [OBD_50]},
 ]
 ISSUED = datetime(2026, 12, 7, 10, 0, tzinfo=UTC)
 
@@ -83,6 +84,7 @@ def test_rules_are_evaluated_on_the_road_offline_and_across_a_restart_and_bad_se
     route, _ = moving_route(tmp_path)
     with (
         Gpsfake(route, cycle_s=0.05) as gps,
+        ElmEmulator(link=tmp_path / "ttyOBD") as elm,
         Mosquitto() as broker,
         Consumer("127.0.0.1", broker.port, f"{ROOT}/up/#") as consumer,
         TcpProxy("127.0.0.1", broker.port, port=free_port()) as proxy,
@@ -98,6 +100,11 @@ backoff_max_s = 1.0
 [gps]
 enabled = true
 port = {gps.port}
+
+[obd]
+enabled = true
+port = "{elm.port}"
+protocol = "6"
 
 [mqtt]
 enabled = true
@@ -119,6 +126,7 @@ signing_keys = ["{cloud.public_key}"]
         daemon = start_daemon(config)
         daemon.wait_ready()
 
+        elm.set_speed(30)
         # The set arrives (retained), then the route crosses both rules, both ways.
         wait_until("the set applied", lambda: events(consumer, "rules-applied"))
 
@@ -133,6 +141,20 @@ signing_keys = ["{cloud.public_key}"]
         assert set(depot["snapshot"]) == {"location"} and depot["trigger"]["signal"] == "gps_position"
         fast = next(e for e in events(consumer, "rule-enter") if e["rule"]["id"] == "fast")
         assert fast["snapshot"]["gps_speed"] >= 45 and fast["trigger"]["signal"] == "gps_speed"
+
+        # The vehicle's own speed: below 50, then above.
+        def obd_crossings(name: str) -> list[dict[str, Any]]:
+            return [e for e in events(consumer, name) if e["rule"]["id"] == "obd-fast"]
+
+        below = wait_until("the OBD rule evaluated", lambda: obd_crossings("rule-leave"))
+        assert below[0]["firstEval"] is True and below[0]["trigger"] == {
+            "signal": "vehicle_speed",
+            "value": 30,
+        }
+        elm.set_speed(60)
+        above = wait_until("over 50", lambda: obd_crossings("rule-enter"))
+        assert above[0]["snapshot"] == {"vehicle_speed": 60} and above[0]["firstEval"] is False
+        elm.set_speed(30)
         [trigger] = wait_until("the distance trigger", lambda: events(consumer, "distance-trigger"))
         assert trigger["odometerTrigger"] == {
             "id": "leg",
@@ -143,7 +165,7 @@ signing_keys = ["{cloud.public_key}"]
         assert 1_000_100 <= trigger["estimatedOdometer"] < 1_000_400
         view = rules_view(daemon)
         assert view["odometer"]["source"] == "cloud" and view["odometer"]["estimate_m"] >= 1_000_100
-        assert view["version"] == 1 and [r["id"] for r in view["rules"]] == ["depot", "fast"]
+        assert view["version"] == 1 and [r["id"] for r in view["rules"]] == ["depot", "fast", "obd-fast"]
         assert all(r["evaluated"] and r["last_crossing"] for r in view["rules"])
 
         # Offline: the rules go on; their events arrive when the link returns.
@@ -173,7 +195,7 @@ signing_keys = ["{cloud.public_key}"]
             timeout=90,
         )
         first = [(e["rule"]["id"]) for e in events(consumer, "rule-enter", "rule-leave") if e["firstEval"]]
-        assert sorted(first) == ["depot", "fast"], first
+        assert sorted(first) == ["depot", "fast", "obd-fast"], first
 
         # A newer set with a bad rule, then an older set: both refused whole, counted; version 1 stays.
         bad = [*RULES, {"id": "two-fences", "boundaries": [
@@ -191,9 +213,9 @@ signing_keys = ["{cloud.public_key}"]
             "refusal events",
             lambda: len(events(consumer, "rule-set-rejected")) == 2 and events(consumer, "rule-set-rejected"),
         )
-        assert "rules[2].boundaries[1]: a rule has at most one geospatial boundary" in refusals[0]["detail"]
+        assert "rules[3].boundaries[1]: a rule has at most one geospatial boundary" in refusals[0]["detail"]
         applied = events(consumer, "rules-applied")
-        assert [(a["version"], a["rules"], a["kept"]) for a in applied] == [(1, 2, 0), (3, 1, 1)]
+        assert [(a["version"], a["rules"], a["kept"]) for a in applied] == [(1, 3, 0), (3, 1, 1)]
         assert rules_view(daemon)["odometer"]["estimate_m"] > trigger["estimatedOdometer"]  # not reset
         assert len(events(consumer, "distance-trigger")) == 1  # from_now fires once
         daemon.terminate()

@@ -249,3 +249,14 @@ def test_a_malformed_distance_trigger_is_refused_naming_the_field(raw, message):
     with pytest.raises(RuleError) as caught:
         parse_triggers(raw)
     assert message in str(caught.value)
+
+
+def test_from_now_counts_distance_driven_not_a_jump_of_the_estimate():
+    from fleetgate.daemon.rules.odometer import Odometer, parse_triggers
+
+    odo = Odometer(parse_triggers([{"id": "leg", "type": "from_now", "threshold": 300}]))
+    odo.anchor(10_000.0, "cloud")
+    assert odo.anchor(15_000.0, "obd") == []  # +5 km at once: a new anchor, not driving
+    odo.observe("vehicle_speed", 36.0, 0)
+    fired = [round(odo.estimate_m) for t in range(1, 40) for _ in odo.observe("vehicle_speed", 36.0, t * S)]
+    assert fired == [15_300]

@@ -67,7 +67,7 @@ def decode_set(raw: Any) -> dict[str, Any] | None:
 def decode_odometer(raw: Any) -> OdometerState:
     if raw is None:
         return OdometerState()
-    if not isinstance(raw, dict) or set(raw) != {"anchor_m", "driven_m", "source", "trigger_base_m", "fired"}:
+    if not isinstance(raw, dict) or set(raw) != set(OdometerState.__dataclass_fields__):
         raise ValueError("the saved odometer is not what this version writes")
     return OdometerState(**raw)
 

@@ -9,7 +9,8 @@ GPS positions (jumps over ``MAX_JUMP_M`` in one step are glitches). Without any 
 Triggers, as the seed defines them (thresholds in metres; ``km`` and ``mi`` converted when received):
 ``specific`` fires once when the estimate reaches the threshold; ``from_now`` once when the vehicle has
 driven the threshold since the trigger arrived; ``milestone`` every time the estimate passes a multiple of
-the threshold. Each firing is a ``distance-trigger`` event with the estimate.
+the threshold. ``from_now`` counts distance driven, so a new anchor (a jump of the estimate) does not fire
+it. Each firing is a ``distance-trigger`` event with the estimate.
 """
 
 from __future__ import annotations
@@ -75,12 +76,14 @@ class OdometerState:
     anchor_m: float | None = None  # the last anchor
     driven_m: float = 0.0  # since the anchor
     source: str | None = None  # "obd", "cloud": what the anchor was
-    trigger_base_m: dict[str, float] = field(default_factory=dict)  # from_now: the estimate when it arrived
+    distance_m: float = 0.0  # driven in all, whatever the anchors: what from_now triggers count
+    trigger_base_m: dict[str, float] = field(default_factory=dict)  # from_now: distance_m when it arrived
     fired: dict[str, float] = field(default_factory=dict)  # specific/from_now: when; milestone: last multiple
 
     def as_json(self) -> dict[str, Any]:
         return {"anchor_m": self.anchor_m, "driven_m": round(self.driven_m, 1), "source": self.source,
-                "trigger_base_m": dict(self.trigger_base_m), "fired": dict(self.fired)}  # fmt: skip
+                "distance_m": round(self.distance_m, 1), "trigger_base_m": dict(self.trigger_base_m),
+                "fired": dict(self.fired)}  # fmt: skip
 
 
 class Odometer:
@@ -109,12 +112,8 @@ class Odometer:
 
     def _arm(self, trigger: Trigger) -> None:
         estimate = self.estimate_m
-        if (
-            trigger.type == "from_now"
-            and trigger.id not in self.state.trigger_base_m
-            and estimate is not None
-        ):
-            self.state.trigger_base_m[trigger.id] = estimate
+        if trigger.type == "from_now" and trigger.id not in self.state.trigger_base_m:
+            self.state.trigger_base_m[trigger.id] = self.state.distance_m
         if trigger.type == "milestone" and trigger.id not in self.state.fired and estimate is not None:
             self.state.fired[trigger.id] = math.floor(
                 estimate / trigger.threshold_m
@@ -133,7 +132,7 @@ class Odometer:
         if signal == "vehicle_speed" and isinstance(value, int | float):
             last, self._last_speed = self._last_speed, (mono, float(value))
             if last is not None and 0 < (mono - last[0]) / NS <= MAX_GAP_S:
-                self.state.driven_m += (last[1] + float(value)) / 2 / 3.6 * (mono - last[0]) / NS
+                self._drive((last[1] + float(value)) / 2 / 3.6 * (mono - last[0]) / NS)
                 return self._fired()
             return []
         if signal == "gps_position" and isinstance(value, dict):
@@ -147,9 +146,13 @@ class Odometer:
                 return []
             step = distance_m(*last, *fix)
             if step <= MAX_JUMP_M:
-                self.state.driven_m += step
+                self._drive(step)
                 return self._fired()
         return []
+
+    def _drive(self, metres: float) -> None:
+        self.state.driven_m += metres
+        self.state.distance_m += metres
 
     def _fired(self) -> list[Trigger]:
         estimate = self.estimate_m
@@ -162,7 +165,7 @@ class Odometer:
                 self.state.fired[t.id] = estimate
                 out.append(t)
             elif t.type == "from_now" and t.id not in self.state.fired:
-                if estimate >= self.state.trigger_base_m[t.id] + t.threshold_m:
+                if self.state.distance_m >= self.state.trigger_base_m[t.id] + t.threshold_m:
                     self.state.fired[t.id] = estimate
                     out.append(t)
             elif t.type == "milestone":
