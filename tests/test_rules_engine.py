@@ -4,14 +4,20 @@ incremental indexes (thresholds, the geofence grid) are checked against brute fo
 
 from __future__ import annotations
 
+import json
 import random
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from nacl.signing import SigningKey
 
 from fleetgate.daemon.rules.definitions import RuleError, parse_rule, parse_rules
 from fleetgate.daemon.rules.evaluator import Evaluator, RuleState
 from fleetgate.daemon.rules.geometry import Circle, Grid, Polygon, distance_m
+from fleetgate.sync.crypto.rule_set import SIGNING_PREFIX, open_rule_set
+from fleetgate.sync.crypto.signed import SignedRejected, seal_signed
 
 SQUARE = [[[13.0, 52.0], [13.1, 52.0], [13.1, 52.1], [13.0, 52.1], [13.0, 52.0]]]
 HOLE = [[13.04, 52.04], [13.06, 52.04], [13.06, 52.06], [13.04, 52.06], [13.04, 52.04]]
@@ -260,3 +266,49 @@ def test_from_now_counts_distance_driven_not_a_jump_of_the_estimate():
     odo.observe("vehicle_speed", 36.0, 0)
     fired = [round(odo.estimate_m) for t in range(1, 40) for _ in odo.observe("vehicle_speed", 36.0, t * S)]
     assert fired == [15_300]
+
+
+KEYS = ["id", "name", "boundaries", "type", "parameter", "min", "max", "lat", "lon", "radius", "coordinates",
+        "timeProfile", "entries", "dayOfWeekUtc", "startTimeUtc", "endTimeUtc", "cooldown", "threshold", "unit",
+        "reading"]  # fmt: skip
+WORDS = ["parametric", "radius", "polygon", "vehicleSpeed", "specific", "milestone", "km"]
+JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**30), 10**30)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.sampled_from(WORDS),
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(st.sampled_from(KEYS), children, max_size=6)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(JSON)
+def test_any_json_as_a_rule_set_is_accepted_or_refused_with_a_rule_error(raw):
+    from fleetgate.daemon.rules.odometer import parse_anchor, parse_triggers
+
+    for parse in (parse_rules, lambda r: parse_rules([r]), parse_triggers, parse_anchor):
+        try:
+            parse(raw)
+        except RuleError as exc:
+            assert str(exc)  # names what was wrong
+
+
+KEY = SigningKey(bytes(range(32)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200), JSON.map(lambda v: json.dumps(v).encode())))
+def test_any_signed_body_or_any_bytes_on_down_rules_is_opened_or_refused_with_a_reason(body):
+    """Signed with the pinned key (the worst case: a cloud bug, not an attacker) or not signed at all."""
+    for payload in (body, seal_signed(body, prefix=SIGNING_PREFIX, signing_key=KEY)):
+        try:
+            opened = open_rule_set(payload, verify_keys=[KEY.verify_key], device="veh-1")
+        except SignedRejected as exc:
+            assert exc.reason and exc.detail
+        else:
+            assert opened.device == "veh-1" and isinstance(opened.rules, list)

@@ -77,7 +77,11 @@ class Rule:
 
 
 def _number(value: Any, where: str, lo: float, hi: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RuleError(f"{where}: not a number")
+    if isinstance(value, int) and not -(2**63) <= value < 2**63:
+        raise RuleError(f"{where}: an integer of {len(str(abs(value)))} digits is outside {lo}..{hi}")
+    if not math.isfinite(value):
         raise RuleError(f"{where}: not a number")
     if not lo <= value <= hi:
         raise RuleError(f"{where}: {value} is outside {lo}..{hi}")
