@@ -392,6 +392,15 @@ def rules(r: dict[str, Any]) -> str:
             else f"{last['direction']} at {_moment(last['wall_ns'])} ({last['signal']})"
         )
         lines.append(f"  {rule['id']}  {rule['name'] or '-'}: {state}; last crossing {crossing}")
+    odometer = r.get("odometer") or {}
+    if odometer.get("estimate_m") is not None:
+        triggers = ", ".join(
+            f"{t['id']} ({t['type']} {t['threshold'] / 1000:g} km)" for t in odometer["triggers"]
+        )
+        lines.append(
+            f"odometer {odometer['estimate_m'] / 1000:,.1f} km (anchored by {odometer['source']}); "
+            f"distance triggers: {triggers or 'none'}"
+        )
     counts, suppressed = r["counts"], r["suppressed"]
     lines.append(
         f"crossings {counts['crossings']} (dropped {counts['dropped']}); suppressed: "

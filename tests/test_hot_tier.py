@@ -409,6 +409,7 @@ keepalive_s = 5
 connect_timeout_s = 2
 live_batch_s = 0.5
 memory_window_s = 2
+offline_window_s = 3
 """
         )
         daemon = start_daemon(config)

@@ -67,8 +67,9 @@ def test_a_power_cut_loses_only_announced_live_records_and_never_reuses_a_seq(
 ):
     port = free_port()
     db = disk.mount / "fleetgate.db"
-    # Offline, live records are stored after 15 s (instead of the default 60 s) to keep the test short.
-    config = uplink_config(tmp_path, port, heartbeat_s=0.01, mqtt_extra="offline_window_s = 15")
+    # Short windows (live batches of 0.5 s, stored after 2 s online and 3 s offline) to keep the test short.
+    windows = "live_batch_s = 0.5\nmemory_window_s = 2\noffline_window_s = 3"
+    config = uplink_config(tmp_path, port, heartbeat_s=0.01, mqtt_extra=windows)
     with broker_comes_up(port) as (_broker, consumer, proxy):
         daemon = start_daemon(config)
         daemon.wait_ready()

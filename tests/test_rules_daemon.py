@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -165,6 +166,13 @@ signing_keys = ["{cloud.public_key}"]
         assert 1_000_100 <= trigger["estimatedOdometer"] < 1_000_400
         view = rules_view(daemon)
         assert view["odometer"]["source"] == "cloud" and view["odometer"]["estimate_m"] >= 1_000_100
+        human = daemon.cli("rules")
+        assert human.returncode == 0 and "rule set version 1" in human.stdout, human.stderr
+        assert "depot  Depot:" in human.stdout and "last crossing" in human.stdout
+        odometer_line = (
+            r"odometer 1,000\.\d km \(anchored by cloud\); distance triggers: leg \(from_now 0\.1 km\)"
+        )
+        assert re.search(odometer_line, human.stdout), human.stdout
         assert view["version"] == 1 and [r["id"] for r in view["rules"]] == ["depot", "fast", "obd-fast"]
         assert all(r["evaluated"] and r["last_crossing"] for r in view["rules"])
 

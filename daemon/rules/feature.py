@@ -101,8 +101,8 @@ class EdgeRules:
         self._device = core.config.device.id
         self._verify_keys = verify_keys
         self._applied = saved  # {version, issued_at, digest, rules}
-        self.evaluator = Evaluator(parse_rules(saved["rules"]) if saved else [], states)
         self._rules: list[Rule] = parse_rules(saved["rules"]) if saved else []
+        self.evaluator = Evaluator(self._rules, states)
         self.odometer = Odometer(parse_triggers((saved or {}).get("odometerTriggers") or []), odometer)
         self._waiting: list[NewRecord] = []
         self._wake = asyncio.Event()
@@ -117,12 +117,17 @@ class EdgeRules:
 
     def observe(self, signal: str, value: Any, stamp: Stamp) -> None:
         crossings = self.evaluator.observe(signal, value, stamp.wall_ns, stamp.trusted)
-        fired = self.odometer.observe(signal, value, stamp.mono_ns) if signal in ODOMETER_SIGNALS else []
-        if fired:
-            self._waiting += [self._distance_record(t, stamp) for t in fired]
-            self._dirty = True
-        if crossings:
-            self._waiting += [self._record(c, stamp) for c in crossings]
+        records = [self._record(c, stamp) for c in crossings]
+        if signal in ODOMETER_SIGNALS:
+            before = (self.odometer.state.anchor_m, self.odometer.state.distance_m)
+            fired = self.odometer.observe(signal, value, stamp.mono_ns)
+            records += [self._distance_record(t, stamp) for t in fired]
+            # Distance driven, a new anchor: saved within SAVE_EVERY_S (one small commit a minute while driving).
+            self._dirty = (
+                self._dirty or (self.odometer.state.anchor_m, self.odometer.state.distance_m) != before
+            )
+        if records:
+            self._waiting += records
             self.counts["crossings"] += len(crossings)
             overflow = len(self._waiting) - MAX_WAITING
             if overflow > 0:
