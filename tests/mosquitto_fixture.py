@@ -347,3 +347,20 @@ class Mosquitto:
 
 class _PortTaken(Exception):
     pass
+
+
+def publish_retained(port: int, topic: str, payload: bytes, host: str = "127.0.0.1") -> None:
+    """What the cloud does with a signed downlink set: publish it retained, QoS 1, and wait for the PUBACK."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.connect(host, port)
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=1, retain=True)
+        info.wait_for_publish(10)
+        assert info.is_published()
+    finally:
+        client.loop_stop()
+        client.disconnect()

@@ -13,10 +13,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
 from nacl.signing import SigningKey
-from paho.mqtt.enums import CallbackAPIVersion
 from test_mqtt_contract import check_envelope
 from test_uplink_daemon import decode
 
@@ -25,7 +23,7 @@ from fleetgate.sync.crypto.session_set import seal_session_set
 from fleetgate.sync.mqtt.envelope import expand
 
 from conftest import FLEETGATE, wait_until, write_config
-from mosquitto_fixture import Mosquitto, free_port
+from mosquitto_fixture import Mosquitto, free_port, publish_retained
 from mqtt_consumer import Consumer
 from pty_pair import PtyPair, pty_pairs_fixture
 from tcp_proxy import TcpProxy
@@ -75,16 +73,7 @@ class Cloud:
         )
 
     def publish(self, payload: bytes, port: int | None = None) -> None:
-        client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-        client.connect("127.0.0.1", port or self.port)
-        client.loop_start()
-        try:
-            info = client.publish(f"{ROOT}/down/sessions", payload, qos=1, retain=True)
-            info.wait_for_publish(10)
-            assert info.is_published()
-        finally:
-            client.loop_stop()
-            client.disconnect()
+        publish_retained(port or self.port, f"{ROOT}/down/sessions", payload)
 
 
 def session(id_: int, *, pin: str = PIN, ended: bool = False, started: int = 0) -> dict[str, Any]:

@@ -229,7 +229,12 @@ def test_an_expiry_from_a_signed_set_survives_reef_pulls_reconnects_and_restarts
     daemon = rig.start()
     wait_until("the REEF change", lambda: states(daemon).get(42) == "active")
     assert expiry(daemon, 41) == ends_ns
-    reef_ack = [a for a in acks(rig.consumer) if a["source"] == "reef"][-1]
+
+    def reef_ack_of_42() -> dict | None:
+        return next((a for a in acks(rig.consumer) if a["source"] == "reef" and
+                     any(s["id"] == 42 for s in a["sessions"])), None)  # fmt: skip
+
+    reef_ack = wait_until("REEF's change acknowledged", reef_ack_of_42)  # delivered after the state shows it
     assert {s["id"]: s["expires"] for s in reef_ack["sessions"]} == {41: stamp, 42: None}
 
     # The rentals end at REEF; the vehicle learns it on the next pull. A late renter's PIN is answered

@@ -13,10 +13,8 @@ import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import paho.mqtt.client as paho
 import pytest
 from nacl.signing import SigningKey
-from paho.mqtt.enums import CallbackAPIVersion
 from test_access_daemon import records
 
 from fleetgate.sync.crypto.rule_set import seal_rule_set
@@ -24,7 +22,7 @@ from fleetgate.sync.crypto.rule_set import seal_rule_set
 from conftest import daemon_config, wait_until
 from elm_emulator import ElmEmulator
 from gpsfake_fixture import DRIVE_WAYPOINTS, Gpsfake, moving_route
-from mosquitto_fixture import Mosquitto, free_port
+from mosquitto_fixture import Mosquitto, free_port, publish_retained
 from mqtt_consumer import Consumer
 from tcp_proxy import TcpProxy
 
@@ -57,16 +55,7 @@ class Cloud:
             device=DEVICE, version=version, issued_at=ISSUED + timedelta(minutes=version), rules=rules,
             signing_key=self.key, **odometer,
         )  # fmt: skip
-        client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
-        client.connect("127.0.0.1", self.port)
-        client.loop_start()
-        try:
-            info = client.publish(f"{ROOT}/down/rules", payload, qos=1, retain=True)
-            info.wait_for_publish(10)
-            assert info.is_published()
-        finally:
-            client.loop_stop()
-            client.disconnect()
+        publish_retained(self.port, f"{ROOT}/down/rules", payload)
 
 
 def rules_view(daemon) -> dict[str, Any]:
