@@ -3,16 +3,17 @@
 
     python tools/sim/vehicle.py --obd-link .run/demo/ttyOBD --gps-port 29470
 
-The emulator (ELM327-emulator, `car` scenario) answers OBD-II like a running car; a symlink at --obd-link
-points at its pty, as udev would name a USB adapter. gpsfake replays an NMEA drive around a block (written
-by nmea_route.py with the current time, at real-time pace, looping) on --gps-port. `--engine-cycle S`
-switches the emulator between `car` and `engineoff` every S seconds, so trips start and complete.
-Runs until SIGTERM or SIGINT, then stops both.
+The emulator (ELM327-emulator, `car` scenario, its speed replaced by a smooth 15-65 km/h drive) answers
+OBD-II like a running car; a symlink at --obd-link points at its pty, as udev would name a USB adapter.
+gpsfake replays an NMEA drive around a block (written by nmea_route.py with the current time, at real-time
+pace, looping) on --gps-port. `--engine-cycle S` switches the emulator between `car` and `engineoff` every
+S seconds, so trips start and complete. Runs until SIGTERM or SIGINT, then stops both.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import signal
@@ -37,6 +38,18 @@ BLOCK = (
     (52.52000, 13.40500),
 )
 SENTENCES_PER_EPOCH = 5  # GGA, RMC, GSA and two GSV (8 satellites in view)
+
+
+SPEED_STEP_S = 1.0
+ENGINE_RX = "7E8"  # CAN id of the engine ECU's answers
+
+
+def speed_command(t: float) -> str:
+    """The emulator command that makes PID 0D answer the speed of a plausible drive at ``t`` seconds: between
+    15 and 65 km/h, changing by at most ~1.3 km/h a second (the `car` scenario's own speed jumps by tens of
+    km/h from one answer to the next, which no vehicle does: every sample would be a hard acceleration)."""
+    kmh = round(40 + 25 * math.sin(2 * math.pi * t / 120))
+    return f"emulator.answer['SPEED'] = '<header>{ENGINE_RX}</header><size>03</size><data>41 0D {kmh:02X}</data>'\n"
 
 
 def start_emulator(link: Path) -> subprocess.Popen[str]:
@@ -124,11 +137,20 @@ def main() -> int:
             flush=True,
         )
         engine_on = True
-        while not stop.wait(args.engine_cycle or 3600):
-            if args.engine_cycle and emulator.stdin is not None:
+        started = time.monotonic()
+        next_switch = started + args.engine_cycle if args.engine_cycle else float("inf")
+        while not stop.wait(SPEED_STEP_S):
+            now = time.monotonic()
+            if emulator.stdin is None:
+                continue
+            if now >= next_switch:
                 engine_on = not engine_on
+                next_switch = now + args.engine_cycle
                 emulator.stdin.write(f"scenario {'car' if engine_on else 'engineoff'}\n")
                 print(f"vehicle: engine {'on' if engine_on else 'off'}", file=sys.stderr, flush=True)
+            if engine_on:
+                emulator.stdin.write(speed_command(now - started))
+                emulator.stdin.flush()
     finally:
         emulator.terminate()
         if gps is not None:
