@@ -9,6 +9,7 @@ with service byte 61 instead of 41, which the driver rejects as undecodable (`se
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -86,8 +87,9 @@ def test_protocol_autodetect(emulator: ElmEmulator) -> None:
 
 
 @pytest.mark.timeout(60)
-def test_every_signal_is_a_sample_or_a_counted_none(emulator: ElmEmulator) -> None:
+def test_every_signal_is_a_sample_or_a_counted_none(emulator: ElmEmulator, caplog) -> None:
     Result = tuple[Sample | None, dict[str, int]]  # the sample, and which counters it moved
+    caplog.set_level(logging.WARNING, logger="fleetgate.drivers.obd.adapter")
 
     async def main() -> tuple[dict[str, Result], list[Sample | None]]:
         adapter = adapter_for(emulator)
@@ -109,6 +111,9 @@ def test_every_signal_is_a_sample_or_a_counted_none(emulator: ElmEmulator) -> No
 
     results, injected = asyncio.run(main())
     not_from_emulator = {"bms_pack_soc": "no_data", "odometer": "decode_errors"}  # see the module docstring
+    # The refusal says why, not just the bytes: the emulator's service byte 61 answers no mode 01 request.
+    refused = [r for r in caplog.records if r.getMessage() == "OBD answer undecodable"]
+    assert any("not an answer to 01A6: service byte 61, expected 41" in r.detail for r in refused), refused
     for name, (_, unit) in SIGNALS.items():
         sample, moved = results[name]
         if name in not_from_emulator:

@@ -217,7 +217,12 @@ def _classify(cmd: OBDCommand, raw: Sequence[Any], sizes: Sequence[int]) -> Answ
     if any(m.data[:1] == b"\x7f" for m, _ in mine):
         return Answer(Outcome.NO_DATA, detail="negative response")
     if mine:
-        return Answer(Outcome.DECODE_ERROR, detail=_texts(raw))
+        got = ", ".join(sorted({f"{m.data[0]:02X}" for m, size in mine if size >= 1}))
+        return Answer(
+            Outcome.DECODE_ERROR,
+            detail=f"not an answer to {cmd.command.decode(errors='replace')}: service byte {got or 'none'}, "
+            f"expected {service:02X} ({_texts(raw)})",
+        )
     if frames:
         return Answer(Outcome.NO_DATA, detail="only other ECUs answered")
     texts = [m.raw().strip().upper() for m in raw]

@@ -44,11 +44,25 @@ SPEED_STEP_S = 1.0
 ENGINE_RX = "7E8"  # CAN id of the engine ECU's answers
 
 
-def speed_command(t: float) -> str:
-    """The emulator command that makes PID 0D answer the speed of a plausible drive at ``t`` seconds: between
-    15 and 65 km/h, changing by at most ~1.3 km/h a second (the `car` scenario's own speed jumps by tens of
-    km/h from one answer to the next, which no vehicle does: every sample would be a hard acceleration)."""
-    kmh = round(40 + 25 * math.sin(2 * math.pi * t / 120))
+ODOMETER_START_KM = 5999.6  # the emulator's own reading, as a vehicle would answer it
+
+
+def odometer_command(km: float) -> str:
+    """PID A6 as a vehicle answers it (service byte 41; the emulator's `car` scenario answers 61, which is no
+    mode 01 answer and which the gateway refuses), counting up with the distance driven."""
+    raw = round(km * 10).to_bytes(4, "big").hex(" ").upper()
+    return f"emulator.answer['ODOMETER'] = '<header>{ENGINE_RX}</header><size>06</size><data>41 A6 {raw}</data>'\n"
+
+
+def speed_kmh(t: float) -> int:
+    """A plausible drive at ``t`` seconds: between 15 and 65 km/h, changing by at most ~1.3 km/h a second (the
+    `car` scenario's own speed jumps by tens of km/h from one answer to the next, which no vehicle does:
+    every sample would be a hard acceleration)."""
+    return round(40 + 25 * math.sin(2 * math.pi * t / 120))
+
+
+def speed_command(kmh: int) -> str:
+    """The emulator command that makes PID 0D answer ``kmh``."""
     return f"emulator.answer['SPEED'] = '<header>{ENGINE_RX}</header><size>03</size><data>41 0D {kmh:02X}</data>'\n"
 
 
@@ -137,6 +151,7 @@ def main() -> int:
             flush=True,
         )
         engine_on = True
+        odometer_km = ODOMETER_START_KM
         started = time.monotonic()
         next_switch = started + args.engine_cycle if args.engine_cycle else float("inf")
         while not stop.wait(SPEED_STEP_S):
@@ -149,7 +164,9 @@ def main() -> int:
                 emulator.stdin.write(f"scenario {'car' if engine_on else 'engineoff'}\n")
                 print(f"vehicle: engine {'on' if engine_on else 'off'}", file=sys.stderr, flush=True)
             if engine_on:
-                emulator.stdin.write(speed_command(now - started))
+                kmh = speed_kmh(now - started)
+                odometer_km += kmh * SPEED_STEP_S / 3600
+                emulator.stdin.write(speed_command(kmh) + odometer_command(odometer_km))
                 emulator.stdin.flush()
     finally:
         emulator.terminate()
