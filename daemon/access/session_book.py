@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from fleetgate.sync.crypto.device_keys import hash_pin
+from fleetgate.sync.crypto.signed import format_timestamp
 
 STATE_KEY = "sessions.book"
 KEEP_ENDED = 50  # ended sessions remembered (so that a late message cannot revive them); oldest dropped
@@ -269,12 +270,11 @@ class SessionBook:
 
 
 def utc(wall_ns: int | None) -> str | None:
-    """``2021-06-10T22:07:39Z``, or with the microseconds when there are any (the session set's format)."""
+    """A wall time as the session set writes its timestamps (``format_timestamp``), or None."""
     if wall_ns is None:
         return None
     seconds, micros = divmod(wall_ns // 1000, 1_000_000)
-    text = datetime.fromtimestamp(seconds, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return text + (f".{micros:06d}" if micros else "") + "Z"
+    return format_timestamp(datetime.fromtimestamp(seconds, tz=UTC).replace(microsecond=micros))
 
 
 def ack_body(

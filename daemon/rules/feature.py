@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -52,16 +53,23 @@ REJECTION_EVENT_EVERY_S = 60.0
 ODOMETER_SIGNALS = frozenset({"odometer", "vehicle_speed", "gps_position"})
 
 
-def decode_set(raw: Any) -> dict[str, Any] | None:
-    """The saved set (``_saved_set`` wrote it); ValueError naming what is wrong."""
+@dataclass(frozen=True)
+class SavedSet:
+    """The applied set as saved (``raw``, what ``_apply`` wrote) and its rules and triggers, parsed once."""
+
+    raw: dict[str, Any]
+    rules: list[Rule]
+    triggers: list[Trigger]
+
+
+def decode_set(raw: Any) -> SavedSet | None:
+    """The saved set; ValueError (RuleError is one) naming what is wrong."""
     if raw is None:
         return None
     if not isinstance(raw, dict) or set(raw) != SAVED_SET_KEYS:
         raise ValueError(f"the saved rule set is not {sorted(SAVED_SET_KEYS)}")
-    parse_rules(raw["rules"])  # RuleError is a ValueError
-    parse_triggers(raw["odometerTriggers"] or [])
     bytes.fromhex(raw["digest"])
-    return raw
+    return SavedSet(raw, parse_rules(raw["rules"]), parse_triggers(raw["odometerTriggers"] or []))
 
 
 def decode_odometer(raw: Any) -> OdometerState:
@@ -95,15 +103,15 @@ class EdgeRules:
 
     name = "rules"
 
-    def __init__(self, core: Core, verify_keys: list[VerifyKey], saved: dict[str, Any] | None,
+    def __init__(self, core: Core, verify_keys: list[VerifyKey], saved: SavedSet | None,
                  states: dict[str, RuleState], odometer: OdometerState) -> None:  # fmt: skip
         self._core = core
         self._device = core.config.device.id
         self._verify_keys = verify_keys
-        self._applied = saved  # {version, issued_at, digest, rules}
-        self._rules: list[Rule] = parse_rules(saved["rules"]) if saved else []
+        self._applied = None if saved is None else saved.raw  # {version, issued_at, digest, rules, ...}
+        self._rules: list[Rule] = [] if saved is None else saved.rules
         self.evaluator = Evaluator(self._rules, states)
-        self.odometer = Odometer(parse_triggers((saved or {}).get("odometerTriggers") or []), odometer)
+        self.odometer = Odometer([] if saved is None else saved.triggers, odometer)
         self._waiting: list[NewRecord] = []
         self._wake = asyncio.Event()
         self._dirty = False

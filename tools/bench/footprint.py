@@ -271,6 +271,18 @@ class Mark:
         return self.taken if self.taken is not None else self.last_seq("telemetry")
 
 
+def _terminate(proc: subprocess.Popen[Any] | None, timeout_s: float) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within ``timeout_s``."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def config_text(
     work: Path, tls: TlsFiles, obd_link: Path, gps_port: int, proxy_port: int, mqtt_extra: list[str]
 ) -> str:
@@ -391,22 +403,10 @@ class Bench:
         return True
 
     def close(self) -> None:
-        if self.daemon is not None and self.daemon.poll() is None:
-            self.daemon.send_signal(signal.SIGTERM)
-            try:
-                self.daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                self.daemon.kill()
-                self.daemon.wait()
+        _terminate(self.daemon, 30)
         if self.log is not None:
             self.log.close()
-        if self.sim is not None and self.sim.poll() is None:
-            self.sim.send_signal(signal.SIGTERM)  # it stops the emulator and gpsfake (with its gpsd)
-            try:
-                self.sim.wait(15)
-            except subprocess.TimeoutExpired:
-                self.sim.kill()
-                self.sim.wait()
+        _terminate(self.sim, 15)  # it stops the emulator and gpsfake (with its gpsd)
         if self.subscriber is not None:
             self.subscriber.stop()
         if self.proxy is not None:
