@@ -91,6 +91,12 @@ def status(s: dict[str, Any]) -> str:
         )
     store = s["store"]
     out.append(f"store: {store['path']} (schema v{store['schema_version']})")
+    spool = store.get("spool")
+    if spool and (spool["messages"] or spool["torn_tail_bytes"]):
+        line = f"  spool: {spool['records']} records sealed in {spool['messages']} messages, {spool['files']} files"
+        if spool["torn_tail_bytes"]:
+            line += f"; a torn last write ({spool['torn_tail_bytes']} bytes) ignored at start"
+        out.append(line)
     if store["recovered"]:
         rec = store["recovered"]
         out.append(f"  WARNING: database was corrupt ({rec['reason']}); old file kept at {rec['moved_to']}")

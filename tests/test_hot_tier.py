@@ -28,6 +28,7 @@ from fleetgate.sync.mqtt.packer import Packer
 from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, Stamp
 from fleetgate.sync.store.hot import SEQ_BLOCK, SkippedSeqs, hot_id
 from fleetgate.sync.store.outbox import HOT_RESERVED_PREFIX
+from fleetgate.sync.store.spool import Spool, spool_folder
 
 from conftest import wait_until
 from gpsfake_fixture import Gpsfake, moving_route
@@ -209,19 +210,21 @@ def _sealing(outbox: Outbox) -> Packer:
 
 
 def sealed_records(db: Path) -> list[list[dict]]:
-    """Per segment, in order: the records of the message it holds."""
+    """Per sealed message in the spool (sync/store/spool.py) not yet acknowledged, in order: its records, as
+    a fresh start reads them from the files."""
     with sqlite3.connect(db) as conn:
-        found = conn.execute(
-            "SELECT compressed, payload, first_seq, last_seq, records FROM segments ORDER BY id"
-        )
-        out = []
-        for compressed, payload, first, last, count in found.fetchall():
-            envelope = json.loads(zlib.decompress(payload) if compressed else payload)
-            assert envelope["device"] == "hot-0001" and envelope["store"] == "store-1"
-            seqs = [r["seq"] for r in envelope["records"]]
-            assert (seqs[0], seqs[-1], len(seqs)) == (first, last, count)
-            out.append(envelope["records"])
-        return out
+        state = dict(conn.execute("SELECT key, value FROM state WHERE key LIKE 'outbox.spool-%'").fetchall())
+        assert conn.execute("SELECT count(*) FROM segments").fetchone()[0] == 0  # spills are not segments
+    spool = Spool(spool_folder(db))
+    spool.load(state)
+    out = []
+    for message, payload in spool.after(0, 10_000):
+        envelope = json.loads(zlib.decompress(payload) if message.compressed else payload)
+        assert envelope["device"] == "hot-0001" and envelope["store"] == "store-1"
+        seqs = [r["seq"] for r in envelope["records"]]
+        assert (seqs[0], seqs[-1], len(seqs)) == (message.first_seq, message.last_seq, message.records)
+        out.append(envelope["records"])
+    return out
 
 
 def test_spilled_live_records_are_sealed_into_messages_written_once(tmp_path: Path) -> None:

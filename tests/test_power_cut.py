@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import power_cut
 import pytest
@@ -26,6 +27,7 @@ from test_uplink_daemon import (
 from fleetgate.sync.mqtt.envelope import expand
 
 from conftest import wait_until
+from gpsfake_fixture import Gpsfake, moving_route
 from mosquitto_fixture import free_port
 
 pytestmark = pytest.mark.timeout(240)
@@ -70,10 +72,14 @@ def test_a_power_cut_loses_only_announced_live_records_and_never_reuses_a_seq(
     # Short windows (live batches of 0.5 s, stored after 2 s online and 3 s offline) to keep the test short.
     windows = "live_batch_s = 0.5\nmemory_window_s = 2\noffline_window_s = 3"
     config = uplink_config(tmp_path, port, heartbeat_s=0.01, mqtt_extra=windows)
-    with broker_comes_up(port) as (_broker, consumer, proxy):
+    route, _ = moving_route(tmp_path, start=datetime.now(UTC), stop_end_s=300)  # real time, for 5+ minutes
+    # GPS time: records with a trusted wall time are spilled sealed, into the spool's files (spool.py).
+    with Gpsfake(route, cycle_s=0.2) as gps, broker_comes_up(port) as (_broker, consumer, proxy):
+        config.write_text(config.read_text() + f"\n[gps]\nenabled = true\nport = {gps.port}\n")
         daemon = start_daemon(config)
         daemon.wait_ready()
         for _ in range(2):
+            wait_until("GPS time trusted", lambda d=daemon: status(d)["time"]["trusted"])
             before = delivered_count(consumer.messages)
             wait_until(
                 "live records delivered", lambda b=before: delivered_count(consumer.messages) > b + 100
@@ -86,6 +92,7 @@ def test_a_power_cut_loses_only_announced_live_records_and_never_reuses_a_seq(
                     lambda d=daemon: status(d)["outbox"]["memory"]["heartbeat"]["spilled"] > 50,
                     timeout=60,
                 )
+                assert status(daemon)["store"]["spool"]["appends"] > 0  # sealed, in the spool's files
             disk.cut(daemon.proc)
             disk.attach()
             proxy.restore()

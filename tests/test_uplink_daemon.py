@@ -24,6 +24,8 @@ import pytest
 
 from fleetgate.sync.mqtt.envelope import ZDICT, expand
 from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, Stamp
+from fleetgate.sync.store.outbox import HOT_RESERVED_PREFIX
+from fleetgate.sync.store.spool import Spool, spool_folder
 
 from conftest import daemon_config, wait_until
 from mosquitto_fixture import Mosquitto, TlsFiles, free_port
@@ -103,14 +105,29 @@ def held_records(db: Path) -> tuple[dict[str, int], Counter, Counter]:
             conn.execute("SELECT s.name, o.seq FROM outbox o JOIN streams s ON s.id = o.stream_id")
         )
         sealed: Counter = Counter()
-        for name, compressed, payload in conn.execute(
-            "SELECT s.name, g.compressed, g.payload FROM segments g JOIN streams s ON s.id = g.stream_id"
-        ):
-            envelope = json.loads(zlib.decompress(payload) if compressed else payload)
-            assert envelope["stream"] == name and envelope["device"] == DEVICE
-            sealed.update((name, r["seq"]) for r in expand(envelope))
+        held = [
+            (name, bool(compressed), payload)
+            for name, compressed, payload in conn.execute(
+                "SELECT s.name, g.compressed, g.payload FROM segments g JOIN streams s ON s.id = g.stream_id"
+            )
+        ]
+        state = dict(conn.execute("SELECT key, value FROM state"))
     finally:
         conn.close()
+    # The spool (sync/store/spool.py): what a start would read back, and its numbers count as handed out.
+    spool = Spool(spool_folder(db))
+    spool.load({k: v for k, v in state.items() if k.startswith("outbox.spool-")})
+    held += [(m.stream, m.compressed, payload) for m, payload in spool.after(0, 1 << 30)]
+    for name, compressed, payload in held:
+        envelope = json.loads(zlib.decompress(payload) if compressed else payload)
+        assert envelope["stream"] == name and envelope["device"] == DEVICE
+        seqs = [r["seq"] for r in expand(envelope)]
+        sealed.update((name, seq) for seq in seqs)
+        last[name] = max([last.get(name, 0), *seqs])
+    for key, value in state.items():  # a clean stop gives back the numbers reserved beyond the last used
+        if key.startswith(HOT_RESERVED_PREFIX):
+            name = key[len(HOT_RESERVED_PREFIX) :]
+            last[name] = max(last.get(name, 0), int(json.loads(value)))
     return last, rows, sealed
 
 

@@ -70,7 +70,7 @@ class Core:
             database=database,
             boot_id=boot_id,
             outbox=outbox,
-            state=StateStore(database),
+            state=StateStore(database, outbox),
             clock=clock,
             events=events,
             sink=sink,

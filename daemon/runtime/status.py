@@ -46,6 +46,7 @@ class StatusSource:
         depth = await self.outbox.depth()
         streams = stream_rows(depth, self.outbox.quotas)
         recovery = self.database.recovery
+        spool = await self.database.run(lambda _conn: self.database.spool.snapshot())
         snap: dict[str, Any] = {
             "version": __version__,
             "device": {"id": self.config.device.id, "role": self.config.device.role},
@@ -66,12 +67,14 @@ class StatusSource:
                 if s["over_quota"]
             ]
             + self._store_alerts()
+            + spool_alerts(spool)
             + [line for source in self._alert_sources for line in source()],
             "store": {
                 "path": str(self.database.path),
                 "schema_version": self.database.schema_version,
                 "disk_full_since": self.database.disk_full_since,
                 "disk_full_errors": self.database.disk_full_errors,
+                "spool": spool,
                 "recovered": None
                 if recovery is None
                 else {"reason": recovery.reason, "moved_to": str(recovery.moved_to)},
@@ -123,4 +126,14 @@ def stream_rows(depth: list[StreamDepth], quotas: dict[str, int]) -> list[dict[s
             "over_quota": d.stream in quotas and d.bytes > quotas[d.stream],
         }
         for d in depth
+    ]
+
+
+def spool_alerts(spool: dict[str, Any]) -> list[str]:
+    """Damage the start found in the spool (sync/store/spool.py): a torn tail is a cut write, no alert."""
+    if not spool["damaged_records"]:
+        return []
+    return [
+        f"spool: {spool['damaged_records']} damaged records skipped at start (the disk, not a power cut): "
+        + "; ".join(spool["problems"])
     ]

@@ -185,7 +185,7 @@ class TripRecorder:
 
     async def checkpoint(self) -> None:
         if self.trip is not None:
-            await self._state.put(STATE_KEY, self.trip.to_json())
+            await self._state.checkpoint(STATE_KEY, self.trip.to_json())
 
     async def run(self) -> None:
         await self.restore()

@@ -11,6 +11,7 @@ moves anything: it is an error, and the data stays where it is for the next star
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import shutil
@@ -24,6 +25,7 @@ from typing import TypeVar
 
 from fleetgate.sync.store.integrity import content_problem, empty_file_problem, schema_problem, wal_problem
 from fleetgate.sync.store.migrations import MIGRATIONS, SchemaTooNewError, migrate
+from fleetgate.sync.store.spool import DONE_PREFIX, FOLDED_KEY, Spool, spool_folder
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +51,9 @@ class StoreError(Exception):
     """The store cannot be opened or used; the message says why."""
 
 
-# What a store call the store cannot take raises: SQLite's own error ("database or disk is full") or the
-# store's (closed, cannot open).
-STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, sqlite3.Error)
+# What a store call the store cannot take raises: SQLite's own error ("database or disk is full"), the
+# store's (closed, cannot open), or the spool's file system's (spool.py: no space, I/O error).
+STORE_ERRORS: tuple[type[Exception], ...] = (StoreError, sqlite3.Error, OSError)
 
 
 class StoreTooNewError(StoreError):
@@ -64,6 +66,9 @@ def is_environmental(exc: sqlite3.Error) -> bool:
 
 
 def is_disk_full(exc: BaseException) -> bool:
+    """SQLite's "database or disk is full", or the spool's file system's ENOSPC / EDQUOT."""
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
     code = getattr(exc, "sqlite_errorcode", None)
     return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF == sqlite3.SQLITE_FULL
 
@@ -188,6 +193,7 @@ class Database:
         # Disk full: since when (wall time) writes have been refused, and how many; cleared by the next write.
         self.disk_full_since: float | None = None
         self.disk_full_errors = 0
+        self.spool = Spool(spool_folder(path))  # the sealed backlog's files (spool.py); loaded by ``open``
 
     @classmethod
     async def open(cls, path: Path, synchronous: str = "full") -> Database:
@@ -196,7 +202,24 @@ class Database:
             conn, recovery = await loop.run_in_executor(None, open_connection, path, synchronous)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open database {path}: {exc}") from exc
-        return cls(conn, path, recovery)
+        db = cls(conn, path, recovery)
+        try:
+            await db.run(db._load_spool)
+        except (OSError, sqlite3.Error) as exc:
+            await db.close()
+            raise StoreError(f"cannot read the spool {db.spool.folder}: {exc}") from exc
+        return db
+
+    def _load_spool(self, conn: sqlite3.Connection) -> None:
+        rows = conn.execute(
+            "SELECT key, value FROM state WHERE key = ? OR (key >= ? AND key < ?)",
+            (FOLDED_KEY, DONE_PREFIX, DONE_PREFIX + "\U0010ffff"),
+        ).fetchall()
+        stale = self.spool.load({str(k): str(v) for k, v in rows})
+        if stale:
+            transaction(
+                conn, lambda c: c.executemany("DELETE FROM state WHERE key = ?", [(k,) for k in stale])
+            )
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         """Run ``fn(conn, *args)`` on the store thread."""
@@ -207,17 +230,17 @@ class Database:
 
     def _call(self, fn: Callable[..., T], args: tuple[object, ...]) -> T:
         """On the store thread: run ``fn`` and keep track of whether the disk takes writes."""
-        changes = self._conn.total_changes
+        changes = self._conn.total_changes, self.spool.appends
         try:
             result = fn(self._conn, *args)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             if is_disk_full(exc):
                 self.disk_full_errors += 1
                 if self.disk_full_since is None:
                     self.disk_full_since = time.time()
                     log.error("disk full: the store refuses writes", extra={"store": str(self.path)})
             raise
-        if self.disk_full_since is not None and self._conn.total_changes != changes:
+        if self.disk_full_since is not None and (self._conn.total_changes, self.spool.appends) != changes:
             log.warning(
                 "disk takes writes again",
                 extra={
@@ -238,6 +261,7 @@ class Database:
         self._executor.shutdown(wait=True)
 
     def _close_on_thread(self) -> None:
+        self.spool.close()
         try:
             self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         except sqlite3.Error as exc:  # a busy checkpoint is harmless: the WAL is replayed at next open

@@ -22,6 +22,7 @@ from fleetgate.sync.store.database import Database, transaction
 from fleetgate.sync.store.hot import ID_SPACE, SEQ_BLOCK, HotRecord, HotTier, SkippedSeqs, split_hot_id
 from fleetgate.sync.store.records import ROW_OVERHEAD, Appended, Eviction, NewRecord, Priority, StoredRecord
 from fleetgate.sync.store.segments import Pack, Sealed, Segment
+from fleetgate.sync.store.spool import NewMessage, Spool, SpoolMessage, is_spool_id
 from fleetgate.sync.store.state import write_state
 from fleetgate.sync.store.wire import SELECT_ENCODED, EncodedRow
 
@@ -98,13 +99,32 @@ HOT_RESERVED_PREFIX = "outbox.hot-reserved/"  # state key per hot stream: the la
 class _Writer:
     """Store-thread state: stream ids and sequences cached after the first commit that touches them."""
 
-    def __init__(self, boot_id: str, quotas: dict[str, int] | None = None) -> None:
+    def __init__(self, boot_id: str, spool: Spool, quotas: dict[str, int] | None = None) -> None:
         self.boot_id = boot_id
+        self.spool = spool
         self.quotas = quotas or {}  # stream -> bytes
         self.evictions: dict[str, Eviction] = {}  # since last taken by the daemon
         self.boot_row: int | None = None
         self.streams: dict[str, tuple[int, int]] = {}  # name -> (id, last committed seq)
-        self.sealed_spills = 0  # spills stored as segments
+        self.sealed_spills = 0  # spills stored sealed, in the spool
+        self._evicted_spooled: list[SpoolMessage] = []  # by the transaction under way (_enforce_quota)
+
+    def _commit(self, conn: sqlite3.Connection, body: Callable[[sqlite3.Connection], Any]) -> Any:
+        """``transaction``, and what it did to the spool (quota evictions) applied once it committed."""
+        self._evicted_spooled = []
+        result = transaction(conn, body)
+        if self._evicted_spooled:
+            self.spool.forget(self._evicted_spooled)
+            self._evicted_spooled = []
+        return result
+
+    def _write_state(self, conn: sqlite3.Connection, state: dict[str, str | None]) -> dict[str, str | None]:
+        """Write ``state`` with every value still only in the spool (in the caller's transaction); returns
+        what to hand to ``Spool.folded`` after the commit."""
+        folded = self.spool.fold(state)
+        if folded:
+            write_state(conn, folded)
+        return folded
 
     def _stream(self, conn: sqlite3.Connection, name: str) -> tuple[int, int]:
         cached = self.streams.get(name)
@@ -153,11 +173,11 @@ class _Writer:
                 for name, (sid, _) in seqs.items()
                 if name in self.quotas
             }
-            if state:
-                write_state(conn, state)
-            return boot, seqs, appended, evicted
+            folded = self._write_state(conn, state) if state else {}
+            return boot, seqs, appended, evicted, folded
 
-        boot, seqs, appended, evicted = transaction(conn, body)
+        boot, seqs, appended, evicted, folded = self._commit(conn, body)
+        self.spool.folded(folded)
         self.boot_row = boot
         self.streams.update(seqs)
         for name, ev in evicted.items():
@@ -173,6 +193,7 @@ class _Writer:
 
         def body(conn: sqlite3.Connection) -> tuple[int, int, int]:
             stream_id, last = self._stream(conn, stream)
+            last = max(last, self.spool.top(stream))  # numbers held sealed in the spool are no gap
             row = conn.execute(
                 "SELECT value FROM state WHERE key = ?", (HOT_RESERVED_PREFIX + stream,)
             ).fetchone()
@@ -189,39 +210,74 @@ class _Writer:
         return last, reserved
 
     def write_spill(
-        self, conn: sqlite3.Connection, spills: Sequence[Spill], state: dict[str, str | None]
+        self,
+        conn: sqlite3.Connection,
+        spills: Sequence[Spill],
+        state: dict[str, str | None],
+        state_in_spool: bool = False,
     ) -> None:
-        """Hot records of one or more streams, numbered already, stored in one transaction; each stream's
-        committed seq raised to its ``last_seq``.
+        """Hot records of one or more streams, numbered already, made durable; each stream's committed seq
+        raised to its ``last_seq``.
 
-        A spill with a sealer is stored as the sealed messages the sealer makes of its records (segments,
-        written once: sync/store/segments.py) unless the stream has rows, which segments must not be newer
-        than; otherwise as rows."""
+        A spill with a sealer goes to the spool as the sealed messages the sealer makes of its records (one
+        record for all of them: spool.py), unless the stream has rows, which sealed messages must not be
+        newer than (segments.py); the others go to the outbox as rows, in one transaction. ``state`` goes
+        with the rows, or into the spool record if ``state_in_spool`` and there are no rows to write.
 
-        def body(conn: sqlite3.Connection) -> tuple[int, dict[str, Eviction]]:
+        Raises ``SpillFailed`` naming the streams that were written when only the spool's part was."""
+        sealed = [s for s in spills if s.sealer is not None and s.records and not self._has_rows(conn, s)]
+        rows = [s for s in spills if all(s is not t for t in sealed)]
+        spool_state = state if state_in_spool and not any(s.records for s in rows) else {}
+        messages = [
+            NewMessage(spill.stream, spill.device, *message)
+            for spill in sealed
+            for message in spill.sealer(spill.records)  # type: ignore[misc]
+        ]
+        if messages or spool_state:
+            self.spool.append(messages, spool_state)
+            self.sealed_spills += len(sealed)
+        db_state = {} if spool_state else state
+        if not rows and not db_state and not any(s.stream in self.quotas for s in sealed):
+            return
+        try:
+            self._write_spilled_rows(conn, rows, sealed, db_state)
+        except BaseException as exc:
+            if sealed:
+                raise SpillFailed([s.stream for s in sealed]) from exc
+            raise
+
+    def _has_rows(self, conn: sqlite3.Connection, spill: Spill) -> bool:
+        stream_id, _ = self._stream(conn, spill.stream)
+        return segments.has_rows(conn, stream_id)
+
+    def _write_spilled_rows(
+        self,
+        conn: sqlite3.Connection,
+        spills: Sequence[Spill],
+        spooled: Sequence[Spill],
+        state: dict[str, str | None],
+    ) -> None:
+        def body(conn: sqlite3.Connection) -> tuple[int, dict[str, Eviction], dict[str, str | None]]:
             boot = self._boot(conn)
             evicted: dict[str, Eviction] = {}
             for spill in spills:
-                stream, records = spill.stream, spill.records
-                stream_id, _ = self._stream(conn, stream)
-                if spill.sealer is not None and records and not segments.has_rows(conn, stream_id):
-                    self.sealed_spills += 1
-                    size = segments.insert_spilled(conn, stream_id, spill.device, spill.sealer(records))
-                else:
-                    size = self._spill_rows(conn, stream_id, boot, records)
+                stream_id, _ = self._stream(conn, spill.stream)
+                size = self._spill_rows(conn, stream_id, boot, spill.records)
                 # Never behind a stored record: the store's integrity check at start says so (and moves aside
                 # a database whose seqs would repeat).
                 conn.execute(
                     "UPDATE streams SET last_seq = max(last_seq, ?), bytes = bytes + ? WHERE id = ?",
                     (spill.top, size, stream_id),
                 )
-                if stream in self.quotas:
-                    evicted[stream] = self._enforce_quota(conn, stream, stream_id)
-            if state:
-                write_state(conn, state)
-            return boot, evicted
+            for spill in [*spills, *spooled]:
+                if spill.stream in self.quotas:
+                    stream_id, _ = self._stream(conn, spill.stream)
+                    evicted[spill.stream] = self._enforce_quota(conn, spill.stream, stream_id)
+            folded = self._write_state(conn, state) if state else {}
+            return boot, evicted, folded
 
-        boot, evicted = transaction(conn, body)
+        boot, evicted, folded = self._commit(conn, body)
+        self.spool.folded(folded)
         self.boot_row = boot
         for spill in spills:
             stream_id, last = self.streams.get(spill.stream, (None, 0))
@@ -250,12 +306,29 @@ class _Writer:
         return sum(len(r.payload) + ROW_OVERHEAD for r in records)
 
     def _enforce_quota(self, conn: sqlite3.Connection, name: str, stream_id: int) -> Eviction:
-        """Delete the stream's oldest telemetry (its segments, then telemetry-priority rows) until it fits its
-        quota; never anything else."""
+        """Delete the stream's oldest telemetry until it fits its quota, oldest first: its segments, its
+        messages in the spool (newer than its segments, older than its rows), then its telemetry-priority
+        rows; never anything else."""
         ev = Eviction()
-        held = int(conn.execute("SELECT bytes FROM streams WHERE id = ?", (stream_id,)).fetchone()[0])
-        held = segments.evict_oldest(conn, stream_id, held, self.quotas[name], ev)
-        while held > self.quotas[name]:
+        quota = self.quotas[name]
+        start = int(conn.execute("SELECT bytes FROM streams WHERE id = ?", (stream_id,)).fetchone()[0])
+        spooled = self.spool.held().get(name, [])
+        in_spool = sum(m.held_bytes for m in spooled)
+        if start + in_spool <= quota:
+            return ev
+        held = segments.evict_oldest(conn, stream_id, start, quota - in_spool, ev)
+        doomed = []
+        for message in spooled:
+            if held + in_spool <= quota:
+                break
+            doomed.append(message.id)
+            in_spool -= message.held_bytes
+            ev.add(message.records, message.held_bytes, message.first_seq, message.last_seq)
+        if doomed:
+            changes, gone = self.spool.done_changes(doomed)
+            write_state(conn, changes)
+            self._evicted_spooled.extend(gone)
+        while held + in_spool > quota:
             oldest = conn.execute(
                 "SELECT id, seq, length(payload) FROM outbox WHERE stream_id = ? AND priority = ? ORDER BY id LIMIT ?",
                 (stream_id, int(Priority.TELEMETRY), EVICT_CHUNK),
@@ -264,7 +337,7 @@ class _Writer:
                 break  # only records that are never evicted remain: the status says so
             doomed = []
             for row_id, seq, size in oldest:
-                if held <= self.quotas[name]:
+                if held + in_spool <= quota:
                     break
                 doomed.append(row_id)
                 held -= size + ROW_OVERHEAD
@@ -275,9 +348,18 @@ class _Writer:
         if ev.records:
             conn.execute(
                 "UPDATE streams SET bytes = bytes - ?, evicted = evicted + ? WHERE id = ?",
-                (ev.bytes, ev.records, stream_id),
+                (start - held, ev.records, stream_id),
             )
         return ev
+
+
+class SpillFailed(Exception):
+    """A spill's sealed part reached the spool, its rows did not reach the database (the cause is chained):
+    the records of ``streams`` are durable and must not be written again."""
+
+    def __init__(self, streams: list[str]) -> None:
+        super().__init__(f"spill half written: sealed {', '.join(streams)}, rows not stored")
+        self.streams = streams
 
 
 class Outbox:
@@ -289,7 +371,7 @@ class Outbox:
         quotas: dict[str, int] | None = None,
     ) -> None:
         self._db = db
-        self._writer = _Writer(boot_id or read_boot_id(), quotas)
+        self._writer = _Writer(boot_id or read_boot_id(), db.spool, quotas)
         self.quotas = dict(quotas or {})
         self._max_batch = max_batch
         self._pending: deque[_Pending] = deque()
@@ -300,6 +382,7 @@ class Outbox:
         self.hot: dict[str, HotTier] = {}  # by stream: live records in memory until acknowledged (hot.py)
         self._hot_lock = asyncio.Lock()
         self._spill_sealer: tuple[str, SpillSealer] | None = None
+        self.offline = False  # as the last spill was told: the uplink is not connected
 
     async def append(
         self, records: Sequence[NewRecord], state: dict[str, Any] | None = None
@@ -373,19 +456,25 @@ class Outbox:
             tier.add(records)
         self.appended.set()
 
-    async def spill(self, everything: bool = False, offline: bool = False) -> int:
+    async def spill(
+        self, everything: bool = False, offline: bool = False, state: dict[str, str | None] | None = None
+    ) -> int:
         """Write the hot records that are due (``everything``: all, and each reservation given back, as at a
         clean stop; ``offline``: the uplink is not connected) to the store, in one commit; returns how many.
 
-        When one stream's records are due, the others' waiting records go along: a commit costs whole pages
-        of WAL whatever it holds, so the heartbeat's one record a minute must not cost one of its own."""
+        When one stream's records are due, the others' waiting records go along: a write costs whole pages
+        whatever it holds, so the heartbeat's one record a minute must not cost one of its own. ``state``
+        (values as JSON text) is written with them, in the spool's record if they all go there, and makes
+        every waiting record go along."""
         async with self._hot_lock:
+            self.offline = offline
             await self.drain_pending()  # after every append made so far: rows keep the seq order
             due = {tier.stream: tier.spillable(everything, offline) for tier in self.hot.values()}
-            if not everything and not any(due.values()):
+            if not everything and not state and not any(due.values()):
                 return 0
             spills: list[Spill] = []
-            state: dict[str, str | None] = {}
+            state = dict(state or {})
+            in_spool = bool(state) and not everything
             for tier in self.hot.values():
                 records = due[tier.stream] or tier.spillable(along=True)
                 last_seq = 0
@@ -399,7 +488,12 @@ class Outbox:
                 for record in spill.records:
                     record.spilling = True  # the drain must not take them while they are being written
             try:
-                await self._db.run(self._writer.write_spill, spills, state)
+                await self._db.run(self._writer.write_spill, spills, state, in_spool)
+            except SpillFailed as exc:  # the sealed part is durable: never written twice
+                for spill in spills:
+                    if spill.stream in exc.streams:
+                        self.hot[spill.stream].spilled_now(spill.records)
+                raise
             finally:
                 for spill in spills:
                     for record in spill.records:
@@ -415,6 +509,16 @@ class Outbox:
             if count:
                 self.appended.set()
             return count
+
+    async def checkpoint_state(self, key: str, value: Any) -> None:
+        """Durably save a value rewritten periodically (a trip's statistics). Offline it goes with the live
+        records waiting in memory, in one spool record (spool.py): a checkpoint a minute would otherwise cost
+        a database commit of its own, more flash than the minute's readings. Online, a commit."""
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        if self.offline and self._spill_sealer is not None and self.hot:
+            await self.spill(offline=True, state={key: text})
+        else:
+            await self.append([], {key: value})
 
     def _spill_of(self, tier: HotTier, records: list[HotRecord], last_seq: int) -> Spill:
         """Sealed when a sealer is set, none of the records is in flight (its acknowledgement deletes a row by
@@ -510,19 +614,29 @@ class Outbox:
                 forgotten += await self._db.run(_acknowledge_seqs, tier.stream, spilled)
         if not rows and not segment_ids:
             return forgotten
-        return forgotten + await self._db.run(_acknowledge, rows, list(segment_ids))
+        return forgotten + await self._db.run(_acknowledge, self._writer.spool, rows, list(segment_ids))
 
     async def seal_next(self, pack: Pack, max_bytes: int, device: str) -> Sealed | None:
         """Replace a full message's worth of a stream's oldest telemetry rows by one segment, packed by
         ``pack`` for ``device`` (see sync/store/segments.py); None when no stream has that many sealable
         rows."""
-        return await self._db.run(segments.seal_next, self._writer.boot_id, device, pack, max_bytes)
+        spool = self._writer.spool
+        return await self._db.run(
+            lambda conn: segments.seal_next(
+                conn, self._writer.boot_id, device, pack, max_bytes, spool.streams()
+            )
+        )
 
     async def segments_after(self, after_id: int, limit: int) -> list[Segment]:
-        return await self._db.run(segments.select_after, after_id, limit)
+        """Sealed messages in drain order after ``after_id``: the database's segments, then the spool's
+        (spool ids sort after every segment id, and a stream's spooled messages are newer than its segments)."""
+        return await self._db.run(_segments_after, self._writer.spool, after_id, limit)
+
+    def spool_snapshot(self) -> dict[str, Any]:
+        return self._writer.spool.snapshot()
 
     async def depth(self) -> list[StreamDepth]:
-        depths = {d.stream: d for d in await self._db.run(_depth)}
+        depths = {d.stream: d for d in await self._db.run(_depth, self._writer.spool)}
         for tier in self.hot.values():
             if tier.next_seq == 1 and not tier.records:
                 continue  # (one that handed out numbers counts even when empty: last_seq never drops)
@@ -616,10 +730,24 @@ def _encoded_after(
     return rows
 
 
-def _acknowledge(conn: sqlite3.Connection, ids: list[int], segment_ids: list[int]) -> int:
+def _segments_after(conn: sqlite3.Connection, spool: Spool, after_id: int, limit: int) -> list[Segment]:
+    out = [] if is_spool_id(after_id) else segments.select_after(conn, after_id, limit)
+    if len(out) < limit:
+        out += [
+            Segment(m.id, m.stream, m.device, m.records, m.compressed, payload)
+            for m, payload in spool.after(max(after_id, 0), limit - len(out))
+        ]
+    return out
+
+
+def _acknowledge(conn: sqlite3.Connection, spool: Spool, ids: list[int], segment_ids: list[int]) -> int:
     # Set-wise statements only: a statement stepped once per row from Python (executemany, RETURNING) hands
     # the GIL to the busy event loop and waits to get it back, once per row.
     runs = json.dumps(_runs(ids)) if ids else None
+    spool_done, spooled = spool.done_changes(i for i in segment_ids if is_spool_id(i))
+    segment_ids = [i for i in segment_ids if not is_spool_id(i)]
+    # Every value still only in the spool goes to the table now, so a file emptied here can be deleted.
+    spool_done = spool.fold(spool_done) if spool_done else {}
 
     def body(conn: sqlite3.Connection) -> int:
         freed: dict[int, tuple[int, int]] = {}
@@ -635,7 +763,8 @@ def _acknowledge(conn: sqlite3.Connection, ids: list[int], segment_ids: list[int
             "UPDATE streams SET bytes = bytes - ? WHERE id = ?",
             [(size, sid) for sid, (_, size) in freed.items()],
         )
-        return sum(n for n, _ in freed.values())
+        write_state(conn, spool_done)
+        return sum(n for n, _ in freed.values()) + sum(m.records for m in spooled)
 
     # What is deleted here the cloud already has: overwriting it on the freelist (Debian builds SQLite with
     # secure_delete on) would double the flash writes of draining a backlog, and halve the drain's speed
@@ -644,9 +773,12 @@ def _acknowledge(conn: sqlite3.Connection, ids: list[int], segment_ids: list[int
     before = conn.execute("PRAGMA secure_delete").fetchone()[0]
     conn.execute("PRAGMA secure_delete = FAST")
     try:
-        return transaction(conn, body)
+        acknowledged = transaction(conn, body)
     finally:
         conn.execute(f"PRAGMA secure_delete = {int(before)}")
+    spool.folded(spool_done)
+    spool.forget(spooled)
+    return acknowledged
 
 
 def _by_tier(ids: Sequence[int]) -> dict[int, list[int]]:
@@ -690,7 +822,22 @@ def _correct_wall_times(conn: sqlite3.Connection, boot_id: str, offset_ns: int, 
     return transaction(conn, body)
 
 
-def _depth(conn: sqlite3.Connection) -> list[StreamDepth]:
+def _depth(conn: sqlite3.Connection, spool: Spool) -> list[StreamDepth]:
+    """Per stream: the database's rows and segments, and the spool's messages (older than the rows)."""
+    depths = {d.stream: d for d in _depth_in_database(conn)}
+    for stream, held in spool.held().items():
+        d = depths.get(stream) or StreamDepth(stream, 0, 0, None)
+        records = sum(m.records for m in held)
+        oldest = d.oldest_wall_ns if d.packed else held[0].first_wall_ns  # segments are older still
+        depths[stream] = StreamDepth(
+            stream, d.depth + records, max(d.last_seq, max(m.last_seq for m in held)),
+            oldest if oldest is not None else held[0].first_wall_ns,
+            d.bytes + sum(m.held_bytes for m in held), d.evicted, d.packed + records,
+        )  # fmt: skip
+    return [depths[name] for name in sorted(depths)]
+
+
+def _depth_in_database(conn: sqlite3.Connection) -> list[StreamDepth]:
     # A stream's segments are older than its rows (segments.py), so the oldest record is in its first one.
     rows = conn.execute(
         "SELECT s.name, s.last_seq,"

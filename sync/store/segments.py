@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -68,14 +68,20 @@ SCAN = (
 
 
 def seal_next(
-    conn: sqlite3.Connection, boot_id: str, device: str, pack: Pack, max_bytes: int
+    conn: sqlite3.Connection,
+    boot_id: str,
+    device: str,
+    pack: Pack,
+    max_bytes: int,
+    skip: Collection[str] = (),
 ) -> Sealed | None:
     """Seal one full message of the first stream that has one (``pack`` builds it for ``device``); None
-    when no stream has.
+    when no stream has. Streams in ``skip`` hold sealed messages in the spool (spool.py), which a segment
+    made now would be older than in the drain's order, though its rows are newer: they wait for the drain.
 
     Scanning and packing only read: the store thread is the database's one writer, so nothing changes the
     rows between the scan and the transaction that replaces them."""
-    found = _first_full_prefix(conn, boot_id, max_bytes)
+    found = _first_full_prefix(conn, boot_id, max_bytes, skip)
     if found is None:
         return None
     stream_id, name, prefix = found
@@ -113,9 +119,11 @@ class _Prefix:
 
 
 def _first_full_prefix(
-    conn: sqlite3.Connection, boot_id: str, max_bytes: int
+    conn: sqlite3.Connection, boot_id: str, max_bytes: int, skip: Collection[str]
 ) -> tuple[int, str, _Prefix] | None:
     for stream_id, name in conn.execute("SELECT id, name FROM streams ORDER BY id").fetchall():
+        if name in skip:
+            continue
         prefix = _full_prefix(conn, stream_id, boot_id, max_bytes)
         if prefix is not None:
             return stream_id, name, prefix
@@ -228,19 +236,6 @@ def has_rows(conn: sqlite3.Connection, stream_id: int) -> bool:
         ).fetchone()
         is not None
     )
-
-
-def insert_spilled(
-    conn: sqlite3.Connection, stream_id: int, device: str, messages: list[SpilledMessage]
-) -> int:
-    """Store sealed live records as segments (in the caller's transaction); returns the bytes they hold."""
-    conn.executemany(
-        "INSERT INTO segments(stream_id, device, first_seq, last_seq, records, first_wall_ns, compressed,"
-        " payload) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-        [(stream_id, device, m.first_seq, m.last_seq, m.records, m.first_wall_ns, int(m.compressed), m.payload)
-         for m in messages],
-    )  # fmt: skip
-    return sum(len(m.payload) + ROW_OVERHEAD for m in messages)
 
 
 def _delete(conn: sqlite3.Connection, ids_json: str) -> None:

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from typing import Any
+from typing import Any, Protocol
 
-from fleetgate.sync.store.database import Database
+from fleetgate.sync.store.database import Database, transaction
+from fleetgate.sync.store.spool import Spool
 
 QUARANTINE_PREFIX = "quarantine/"
 
@@ -33,32 +34,51 @@ def quarantine_key(key: str, wall_ns: int) -> str:
     return f"{QUARANTINE_PREFIX}{key}/{wall_ns}"
 
 
+class Checkpointer(Protocol):
+    async def checkpoint_state(self, key: str, value: Any) -> None: ...
+
+
 class StateStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, checkpointer: Checkpointer | None = None) -> None:
         self._db = db
+        self._checkpointer = checkpointer  # the outbox: offline, checkpoints go with its spill
 
     async def get(self, key: str) -> Any | None:
         """The value of ``key`` (None if unset); StateDecodeError if the stored text is not JSON."""
-        return await self._db.run(_get, key)
+        return await self._db.run(_get, self._db.spool, key)
 
     async def put(self, key: str, value: Any) -> None:
         """Durably replace ``key``'s value (committed before this returns)."""
-        await self._db.run(_put, key, json.dumps(value, separators=(",", ":"), allow_nan=False))
+        await self._db.run(commit_state, self._db.spool, {key: encode(value)})
+
+    async def checkpoint(self, key: str, value: Any) -> None:
+        """Durably replace a value rewritten periodically (a trip's statistics): offline, in the spool's
+        record with the live readings waiting in memory (``Outbox.checkpoint_state``), not a commit of its own."""
+        if self._checkpointer is None:
+            await self.put(key, value)
+        else:
+            await self._checkpointer.checkpoint_state(key, value)
 
     async def delete(self, key: str) -> None:
-        await self._db.run(_delete, key)
+        await self._db.run(commit_state, self._db.spool, {key: None})
 
     async def items(self, prefix: str) -> dict[str, str]:
         """Every key that starts with ``prefix``, with its value as stored (JSON text, not decoded: each
         owner decodes its own and decides what a bad one means)."""
-        return await self._db.run(_items, prefix)
+        return await self._db.run(_items, self._db.spool, prefix)
 
 
-def _get(conn: sqlite3.Connection, key: str) -> Any | None:
-    row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
-    if row is None:
+def encode(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
+
+
+def _get(conn: sqlite3.Connection, spool: Spool, key: str) -> Any | None:
+    spooled, text = spool.overlay(key)
+    if not spooled:
+        row = conn.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        text = None if row is None else row[0]
+    if text is None:
         return None
-    text = row[0]
     try:
         return json.loads(text)
     except (TypeError, ValueError) as exc:  # not JSON, or not text (SQLite keeps whatever type was written)
@@ -66,8 +86,16 @@ def _get(conn: sqlite3.Connection, key: str) -> Any | None:
         raise StateDecodeError(key, f"not JSON ({exc})", shown) from None
 
 
+def commit_state(conn: sqlite3.Connection, spool: Spool, changes: dict[str, str | None]) -> None:
+    """Write ``changes`` in a transaction of their own, with every value still only in the spool."""
+    changes = spool.fold(changes)
+    transaction(conn, lambda c: write_state(c, changes))
+    spool.folded(changes)
+
+
 def write_state(conn: sqlite3.Connection, changes: dict[str, str | None]) -> None:
-    """Upsert JSON text values, delete keys whose value is None; the caller owns the transaction."""
+    """Upsert JSON text values, delete keys whose value is None; the caller owns the transaction and has
+    folded in the spool's values (``Spool.fold``)."""
     now = time.time_ns()
     for key, value in changes.items():
         if value is None:
@@ -80,18 +108,17 @@ def write_state(conn: sqlite3.Connection, changes: dict[str, str | None]) -> Non
             )
 
 
-def _items(conn: sqlite3.Connection, prefix: str) -> dict[str, str]:
+def _items(conn: sqlite3.Connection, spool: Spool, prefix: str) -> dict[str, str]:
     # A range, not LIKE: '%' and '_' in a prefix are not wildcards here.
     rows = conn.execute(
         "SELECT key, value FROM state WHERE key >= ? AND key < ? ORDER BY key",
         (prefix, prefix + "\U0010ffff"),
     )
-    return {key: value if isinstance(value, str) else str(value) for key, value in rows}
-
-
-def _put(conn: sqlite3.Connection, key: str, value: str) -> None:
-    write_state(conn, {key: value})
-
-
-def _delete(conn: sqlite3.Connection, key: str) -> None:
-    write_state(conn, {key: None})
+    out = {key: value if isinstance(value, str) else str(value) for key, value in rows}
+    for key, value in spool.pending.items():
+        if key.startswith(prefix):
+            if value is None:
+                out.pop(key, None)
+            else:
+                out[key] = value
+    return dict(sorted(out.items()))
