@@ -116,6 +116,20 @@ def test_trip_state_round_trips_through_json():
     assert again.stats(7 * S)["distanceByVSS"] == pytest.approx(15 / 3.6, abs=0.005)
 
 
+def test_a_checkpoint_keeps_the_preview_small_and_reads_the_earlier_format():
+    """The trip is rewritten every checkpoint (a minute): its preview goes as an encoded polyline."""
+    import json
+
+    trip = Trip.begin("boot", 0, None)
+    for t in range(TH.preview_max_points):
+        trip.add_fix(t * S, 52.5 + t * 0.0003, 13.4 + t * 0.0002, TH)
+    saved = json.dumps(trip.to_json())
+    listed = json.dumps({**trip.to_json(), "preview": [list(p) for p in trip.preview]})
+    assert 2 * len(saved) < len(listed) and len(saved) < 4000
+    assert Trip.from_json(json.loads(saved)).preview == [(round(a, 5), round(b, 5)) for a, b in trip.preview]
+    assert Trip.from_json(json.loads(listed)).preview == trip.preview  # a checkpoint from before
+
+
 def test_haversine_matches_a_known_distance():
     # One degree of latitude on the mean sphere: 2*pi*R/360.
     assert haversine_m(0, 0, 1, 0) == pytest.approx(2 * math.pi * 6_371_008.8 / 360)
