@@ -74,6 +74,15 @@ CATALOGUE: dict[str, Signal] = {
 }
 
 
+def signals_json() -> list[dict[str, str | None]]:
+    """The catalogue as data (``fleetgate signals --json``); a missing REEF or Vinli name is null."""
+    return [
+        {"name": s.name, "unit": s.unit, "source": s.source, "reef": s.reef or None, "vinli": s.vinli or None,
+         "description": s.description}
+        for s in CATALOGUE.values()
+    ]  # fmt: skip
+
+
 def signals_markdown() -> str:
     lines = [
         "# Signal catalogue",

@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """The ``fleetgate`` command: run the daemon, and the technician's view of it over the control socket.
 
 Apart from ``run``, no command opens hardware or the database: they ask the running daemon (``keys`` reads
@@ -25,9 +26,22 @@ EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
 EX_CONFIG = 78  # sysexits.h; the systemd unit does not restart on it
 
+EXIT_CODES = f"""exit codes:
+  0    ok
+  {EXIT_FAILURE}    failure: a problem found (config check), a PIN refused, a command not done
+  {EXIT_USAGE}    bad command line
+  {EXIT_NOT_RUNNING}    the daemon is not running (every command but run, keys, signals, config, completion)
+  {EX_CONFIG}   the configuration cannot be used, or the database is newer than this fleetgate
+  130  interrupted (Ctrl-C)"""
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fleetgate", description="fleetgate edge gateway daemon and diagnostics")
+    p = argparse.ArgumentParser(
+        prog="fleetgate",
+        description="fleetgate edge gateway daemon and diagnostics",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument(
         "--config",
         type=Path,
@@ -57,9 +71,10 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the raw JSON reply")
     sync = sub.add_parser("sync", help="uplink actions")
     sync_sub = sync.add_subparsers(dest="sync_command", required=True, metavar="ACTION")
-    sync_sub.add_parser(
+    now = sync_sub.add_parser(
         "now", help="connect to the broker now if waiting to retry, and wake the drain at once"
     )
+    now.add_argument("--json", action="store_true", help="print the raw JSON reply")
 
     ses = sub.add_parser(
         "sessions", help="managed sessions: ids, state, sync version and age, lockout (no PINs)"
@@ -67,11 +82,12 @@ def _parser() -> argparse.ArgumentParser:
     ses.add_argument("--json", action="store_true", help="print the raw JSON reply")
     pin = sub.add_parser("pin", help="PIN access actions")
     pin_sub = pin.add_subparsers(dest="pin_command", required=True, metavar="ACTION")
-    pin_sub.add_parser(
+    pin_test = pin_sub.add_parser(
         "test",
         help="check a PIN against the synchronized sessions without switching start-enable (asks for the PIN "
         "without echo, or reads one line from standard input; a wrong PIN counts towards the lockout)",
     )
+    pin_test.add_argument("--json", action="store_true", help="print the raw JSON reply")
 
     sco = sub.add_parser(
         "scooters", help="depot: each scooter's status, battery, location age, key cached, last command"
@@ -109,13 +125,25 @@ def _parser() -> argparse.ArgumentParser:
     keys.add_argument("--secret-file", type=Path, help="the device secret (default: device.secret_file)")
     keys.add_argument("--json", action="store_true", help="print JSON")
 
-    sub.add_parser("signals", help="the signal catalogue: names, units, sources, REEF/Vinli names (Markdown)")
+    sig = sub.add_parser(
+        "signals", help="the signal catalogue: names, units, sources, REEF/Vinli names (Markdown)"
+    )
+    sig.add_argument("--json", action="store_true", help="print JSON")
 
     cfg = sub.add_parser("config", help="check a configuration file or show the schema")
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="ACTION")
     check = cfg_sub.add_parser("check", help="print every problem in FILE with its key path; non-zero if any")
     check.add_argument("file", type=Path, nargs="?", help="file to check (default: the --config file)")
-    cfg_sub.add_parser("schema", help="every key with its type, default and description (Markdown)")
+    check.add_argument("--json", action="store_true", help="print JSON: the file, ok, every problem")
+    schema = cfg_sub.add_parser("schema", help="every key with its type, default and description (Markdown)")
+    schema.add_argument("--json", action="store_true", help="print the JSON Schema instead")
+
+    comp = sub.add_parser(
+        "completion",
+        help="print the shell completion script (argcomplete): "
+        'eval "$(fleetgate completion bash)" in ~/.bashrc, or the file in /usr/share/bash-completion/completions',
+    )
+    comp.add_argument("shell", choices=("bash", "zsh"), help="the shell")
     return p
 
 
@@ -187,7 +215,10 @@ def _sync(args: argparse.Namespace) -> int:
             print("fleetgate: the uplink is disabled ([mqtt] enabled = false)", file=sys.stderr)
             return EXIT_FAILURE
         raise
-    print("reconnecting to the broker now, then draining" if reply.get("reconnecting") else "drain woken")
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        print("reconnecting to the broker now, then draining" if reply.get("reconnecting") else "drain woken")
     return 0
 
 
@@ -214,7 +245,7 @@ def _pin(args: argparse.Namespace) -> int:
             print("fleetgate: PIN access is disabled ([sessions] enabled = false)", file=sys.stderr)
             return EXIT_FAILURE
         raise
-    print(render.pin_test(result))
+    print(json.dumps(result, indent=2) if args.json else render.pin_test(result))
     return 0 if result.get("outcome") == "accepted" else EXIT_FAILURE
 
 
@@ -271,24 +302,43 @@ def _cmd_keys(args: argparse.Namespace) -> int:
 
 
 def _cmd_signals(args: argparse.Namespace) -> int:
-    from fleetgate.config.signals import signals_markdown
+    from fleetgate.config.signals import signals_json, signals_markdown
 
-    sys.stdout.write(signals_markdown())
+    if args.json:
+        print(json.dumps(signals_json(), indent=2))
+    else:
+        sys.stdout.write(signals_markdown())
     return 0
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
     if args.config_command == "schema":
-        sys.stdout.write(schema_markdown())
+        if args.json:
+            print(json.dumps(Config.model_json_schema(), indent=2))
+        else:
+            sys.stdout.write(schema_markdown())
         return 0
     path = args.file or _config_path(args)[0]
     try:
         load_config(path)
     except ConfigError as exc:
-        _print_problems(exc)
-        print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
+        if args.json:
+            problems = [{"key": p.key, "message": p.message} for p in exc.problems]
+            print(json.dumps({"file": str(path), "ok": False, "problems": problems}, indent=2))
+        else:
+            _print_problems(exc)
+            print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
         return EXIT_FAILURE
-    print(f"{path}: OK")
+    print(
+        json.dumps({"file": str(path), "ok": True, "problems": []}, indent=2) if args.json else f"{path}: OK"
+    )
+    return 0
+
+
+def _cmd_completion(args: argparse.Namespace) -> int:
+    import argcomplete
+
+    sys.stdout.write(argcomplete.shellcode(["fleetgate"], shell=args.shell))
     return 0
 
 
@@ -307,11 +357,17 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "keys": _cmd_keys,
     "signals": _cmd_signals,
     "config": _cmd_config,
+    "completion": _cmd_completion,
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    if argv is None and "_ARGCOMPLETE" in os.environ:  # the shell asks for completions (fleetgate completion)
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
+    args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command](args)
     except ConfigError as exc:
@@ -319,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     except DaemonNotRunning as exc:
         print(f"fleetgate: {exc}", file=sys.stderr)
+        print("  see: systemctl status fleetgate; journalctl -u fleetgate -n 50", file=sys.stderr)
         return EXIT_NOT_RUNNING
     except ControlError as exc:
         print(f"fleetgate: {exc}", file=sys.stderr)
