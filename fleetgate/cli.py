@@ -138,6 +138,13 @@ def _parser() -> argparse.ArgumentParser:
     schema = cfg_sub.add_parser("schema", help="every key with its type, default and description (Markdown)")
     schema.add_argument("--json", action="store_true", help="print the JSON Schema instead")
 
+    top = sub.add_parser(
+        "top",
+        help="a live view: components, signals, trip, sessions and start-enable, outbox and uplink (Ctrl-C ends)",
+    )
+    top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
+    top.add_argument("--once", action="store_true", help="print one frame and exit (no full screen)")
+
     comp = sub.add_parser(
         "completion",
         help="print the shell completion script (argcomplete): "
@@ -335,6 +342,15 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_top(args: argparse.Namespace) -> int:
+    from fleetgate import top
+
+    if not 0.1 <= args.interval <= 3600:
+        print("fleetgate: --interval is 0.1 to 3600 seconds", file=sys.stderr)
+        return EXIT_USAGE
+    return top.run(lambda cmd: _ask(args, cmd), args.interval, args.once)
+
+
 def _cmd_completion(args: argparse.Namespace) -> int:
     import argcomplete
 
@@ -358,6 +374,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "signals": _cmd_signals,
     "config": _cmd_config,
     "completion": _cmd_completion,
+    "top": _cmd_top,
 }
 
 

@@ -20,7 +20,7 @@ from fleetgate.config.signals import CATALOGUE
 
 ROOT = Path(__file__).resolve().parent.parent
 FLEETGATE = str(Path(sys.executable).with_name("fleetgate"))
-NO_JSON = {("run",), ("completion",)}  # the daemon itself, and a shell script
+NO_JSON = {("run",), ("completion",), ("top",)}  # the daemon itself, a shell script, a live screen
 
 
 def leaves(
