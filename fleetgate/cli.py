@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ EXIT_CODES = f"""exit codes:
   0    ok
   {EXIT_FAILURE}    failure: a problem found (config check), a PIN refused, a command not done
   {EXIT_USAGE}    bad command line
-  {EXIT_NOT_RUNNING}    the daemon is not running (every command but run, keys, signals, config, completion)
+  {EXIT_NOT_RUNNING}    the daemon is not running (every command but run, keys, signals, config, completion, diag)
   {EX_CONFIG}   the configuration cannot be used, or the database is newer than this fleetgate
   130  interrupted (Ctrl-C)"""
 
@@ -144,6 +145,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes (default 1)")
     top.add_argument("--once", action="store_true", help="print one frame and exit (no full screen)")
+
+    diag = sub.add_parser("diag", help="diagnostics for support")
+    diag_sub = diag.add_subparsers(dest="diag_command", required=True, metavar="ACTION")
+    bundle = diag_sub.add_parser(
+        "bundle",
+        help="one tar.gz to send: every view as JSON, the config (secrets masked), the journal, store integrity, "
+        "versions; never a PIN, key or secret",
+    )
+    bundle.add_argument(
+        "-o", "--output", type=Path, help="the file (default: fleetgate-diag-<device>-<UTC>.tar.gz)"
+    )
+    bundle.add_argument("--json", action="store_true", help="print what was written as JSON")
 
     comp = sub.add_parser(
         "completion",
@@ -351,6 +364,39 @@ def _cmd_top(args: argparse.Namespace) -> int:
     return top.run(lambda cmd: _ask(args, cmd), args.interval, args.once)
 
 
+def _cmd_diag(args: argparse.Namespace) -> int:
+    from fleetgate import diag
+
+    path, explicit = _config_path(args)
+    try:
+        config = _load(args)
+        device, socket_path = config.device.id, config.control.socket_path
+    except ConfigError:
+        # Wanted most when the configuration is wrong: the file goes in as it is, the daemon found where the
+        # file says it listens (a daemon still running was started with a file that worked).
+        device, socket_path = diag.raw_identity(path)
+    socket_path = args.socket or socket_path
+
+    def ask(view: str) -> Any:
+        return request(socket_path, view, None, 60.0)
+
+    files = diag.collect(ask, path if explicit or path.exists() else None)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    out = args.output or Path(f"fleetgate-diag-{device}-{stamp}.tar.gz")
+    try:
+        diag.write(files, out)
+    except OSError as exc:
+        print(f"fleetgate: cannot write {out}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILURE
+    report = {"file": str(out), "members": sorted(files), "bytes": out.stat().st_size}
+    print(
+        json.dumps(report, indent=2)
+        if args.json
+        else f"wrote {out} ({report['bytes']} bytes, {len(files)} files)"
+    )
+    return 0
+
+
 def _cmd_completion(args: argparse.Namespace) -> int:
     import argcomplete
 
@@ -374,6 +420,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "signals": _cmd_signals,
     "config": _cmd_config,
     "completion": _cmd_completion,
+    "diag": _cmd_diag,
     "top": _cmd_top,
 }
 

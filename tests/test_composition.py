@@ -27,7 +27,17 @@ async def composed(config: Config) -> tuple[Core, dict[str, Any]]:
 
 def test_the_embedded_defaults_compose_the_runtime_and_every_feature(tmp_path):
     core, snap = asyncio.run(composed(Config(store=StoreConfig(state_dir=tmp_path))))
-    assert core.control.commands == ["gps", "obd", "ping", "queue", "rules", "scooters", "sessions", "status"]
+    assert core.control.commands == [
+        "gps",
+        "obd",
+        "ping",
+        "queue",
+        "rules",
+        "scooters",
+        "sessions",
+        "status",
+        "store",
+    ]
     assert [s["name"] for s in snap["components"]] == [
         "control",
         "readings",

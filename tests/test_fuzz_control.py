@@ -44,7 +44,7 @@ pytestmark = pytest.mark.timeout(120)
 # Reproducible in CI (derandomize), no example database left behind; a real daemon answers each example.
 HEALTH = [HealthCheck.too_slow, HealthCheck.data_too_large]
 # The commands of a daemon on daemon_config(): none of them reads its args (pin-test is not registered).
-COMMANDS = ["gps", "obd", "ping", "queue", "rules", "scooters", "sessions", "status"]
+COMMANDS = ["gps", "obd", "ping", "queue", "rules", "scooters", "sessions", "status", "store"]
 
 
 @pytest.fixture(scope="module")

@@ -143,6 +143,7 @@ class Core:
                 "status": lambda args: self.status.snapshot(),
                 "ping": lambda args: {"pong": __version__},
                 "queue": lambda args: self._queue(),
+                "store": lambda args: self.database.report(),
             },
             status={"control": lambda snap: self.control.counters()},
         )

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fleetgate.sync.store.integrity import content_problem, empty_file_problem, schema_problem, wal_problem
 from fleetgate.sync.store.migrations import MIGRATIONS, SchemaTooNewError, migrate
@@ -250,6 +250,27 @@ class Database:
             )
             self.disk_full_since = None
         return result
+
+    async def report(self) -> dict[str, Any]:
+        """Integrity and sizes for a diagnostics bundle: ``PRAGMA quick_check`` (read-only, on the store thread,
+        between two writes), pages, the files on disk and the spool."""
+
+        def check(conn: sqlite3.Connection) -> dict[str, Any]:
+            problem = _quick_check(conn)
+            pragma = {
+                k: conn.execute(f"PRAGMA {k}").fetchone()[0]
+                for k in ("page_size", "page_count", "freelist_count")
+            }
+            return {"quick_check": problem or "ok", **pragma, "spool": self.spool.snapshot()}
+
+        out = await self.run(check)
+        files = {}
+        for path in (self.path, *(self.path.with_name(self.path.name + s) for s in SIDECARS)):
+            if path.exists():
+                files[path.name] = path.stat().st_size
+        for path in sorted(self.spool.folder.glob("*")) if self.spool.folder.is_dir() else []:
+            files[f"{self.spool.folder.name}/{path.name}"] = path.stat().st_size
+        return {"path": str(self.path), "schema_version": self.schema_version, **out, "files": files}
 
     async def close(self) -> None:
         """Finish every queued statement, checkpoint the WAL and close."""
