@@ -31,7 +31,7 @@ EXIT_CODES = f"""exit codes:
   0    ok
   {EXIT_FAILURE}    failure: a problem found (config check), a PIN refused, a command not done
   {EXIT_USAGE}    bad command line
-  {EXIT_NOT_RUNNING}    the daemon is not running (every command but run, keys, signals, config, completion, diag)
+  {EXIT_NOT_RUNNING}    the daemon is not running (demo: the demo is not); never from run, keys, signals, config, diag
   {EX_CONFIG}   the configuration cannot be used, or the database is newer than this fleetgate
   130  interrupted (Ctrl-C)"""
 
@@ -157,6 +157,21 @@ def _parser() -> argparse.ArgumentParser:
         "-o", "--output", type=Path, help="the file (default: fleetgate-diag-<device>-<UTC>.tar.gz)"
     )
     bundle.add_argument("--json", action="store_true", help="print what was written as JSON")
+
+    demo = sub.add_parser(
+        "demo", help="drive ./dev demo --interactive: type a PIN, switch coverage, start or end the session"
+    )
+    demo_sub = demo.add_subparsers(dest="demo_command", required=True, metavar="ACTION")
+    typed = demo_sub.add_parser("type-pin", help="type PIN and # on the demo's keypad; prints its answer")
+    typed.add_argument("pin")
+    cov = demo_sub.add_parser("coverage", help="cellular coverage for the gateway's uplink")
+    cov.add_argument("state", choices=("on", "off"))
+    sess = demo_sub.add_parser("session", help="the cloud starts a new session or ends the current one")
+    sess.add_argument("action", choices=("start", "end"))
+    sess.add_argument("--pin", help="the new session's PIN (default 482916)")
+    demo_sub.add_parser("status", help="uplink, backlog, start-enable, what the cloud received")
+    for action in demo_sub.choices.values():
+        action.add_argument("--json", action="store_true", help="print the raw JSON reply")
 
     comp = sub.add_parser(
         "completion",
@@ -397,6 +412,32 @@ def _cmd_diag(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import socket
+
+    path = Path(os.environ.get("FLEETGATE_DEMO_SOCKET", ".run/demo/demo.sock"))
+    body: dict[str, Any] = {"cmd": args.demo_command}
+    if args.demo_command == "type-pin":
+        body["pin"] = args.pin
+    elif args.demo_command == "coverage":
+        body["state"] = args.state
+    elif args.demo_command == "session":
+        body |= {"action": args.action, "pin": args.pin}
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(60)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(body).encode() + b"\n")
+            reply = json.loads(sock.makefile("rb").readline())
+    except (FileNotFoundError, ConnectionRefusedError):
+        print(
+            f"fleetgate: the demo is not running (no {path}): start ./dev demo --interactive", file=sys.stderr
+        )
+        return EXIT_NOT_RUNNING
+    print(json.dumps(reply, indent=2) if args.json else "  ".join(f"{k}: {v}" for k, v in reply.items()))
+    return EXIT_FAILURE if "error" in reply else 0
+
+
 def _cmd_completion(args: argparse.Namespace) -> int:
     import argcomplete
 
@@ -420,6 +461,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "signals": _cmd_signals,
     "config": _cmd_config,
     "completion": _cmd_completion,
+    "demo": _cmd_demo,
     "diag": _cmd_diag,
     "top": _cmd_top,
 }
