@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """The demo: the mission end to end on a laptop, narrated (``./dev demo``).
 
-A local cloud (mosquitto on 127.0.0.1:18830 and the cloud's signer, with a throwaway signing key and device
-secret made on start), a simulated vehicle (tools/sim/vehicle.py: the ELM327 emulator and gpsd replaying a
-drive), a PIN keypad and a start-enable relay on socat ptys, and the daemon between them, its uplink running
-through a forwarder that plays the cellular coverage. Then the moments, each checked against what the
+A local cloud (mosquitto on 127.0.0.1:18830, a REEF-like managed-sessions API over mTLS, and the cloud's
+signer, with a throwaway CA, certificates, signing key and device secret made on start), a simulated
+vehicle (tools/sim/vehicle.py: the ELM327 emulator and gpsd replaying a drive), a PIN keypad and a
+start-enable relay on socat ptys, and the daemon between them, its links to MQTT and REEF running through
+forwarders that play the cellular coverage. Then the moments, each checked against what the
 gateway and the cloud really saw:
 
     a session starts (signed, its PIN sealed to the gateway)   coverage is lost
@@ -47,9 +48,10 @@ from fleetgate.sync.crypto.device_keys import device_public_key_b64, generate_se
 from fleetgate.sync.crypto.session_set import seal_session_set  # noqa: E402
 from fleetgate.sync.mqtt.envelope import expand  # noqa: E402
 
-from mosquitto_fixture import Mosquitto, free_port, publish_retained  # noqa: E402
+from mosquitto_fixture import Mosquitto, free_port, make_tls, publish_retained  # noqa: E402
 from mqtt_consumer import Consumer  # noqa: E402
 from pty_pair import PtyPair  # noqa: E402
+from reef_server import ReefServer  # noqa: E402
 from tcp_proxy import TcpProxy  # noqa: E402
 
 FLEETGATE = str(Path(sys.executable).with_name("fleetgate"))
@@ -85,7 +87,12 @@ class Demo:
         self.secret_file = self.work / "device.secret"
         generate_secret_file(self.secret_file)
         self.broker = Mosquitto(port=self.broker_port).start()
+        # REEF's managed-sessions API over mTLS, with a throwaway CA and certificates made now.
+        self.tls = make_tls(self.work / "pki", device_cn=f"fleetgate-{DEVICE}")
+        self.reef = ReefServer(self.tls).start()
+        # The cellular coverage: both of the gateway's links to the cloud go through forwarders cut together.
         self.coverage = TcpProxy("127.0.0.1", self.broker.port, port=free_port()).start()
+        self.reef_coverage = TcpProxy("127.0.0.1", self.reef.port, port=free_port()).start()
         self.cloud = Consumer("127.0.0.1", self.broker.port, f"fleetgate/v1/{DEVICE}/up/#").start()
         self.keypad = PtyPair(self.work, "keypad")
         self.relay = PtyPair(self.work, "relay")
@@ -157,6 +164,15 @@ enabled = true
 vin = "{VIN}"
 signing_keys = ["{public}"]
 
+[sessions.reef]
+enabled = true
+base_url = "https://127.0.0.1:{self.reef_coverage.port}/v1"
+ca_file = "{self.tls.ca}"
+cert_file = "{self.tls.client_cert}"
+key_file = "{self.tls.client_key}"
+poll_interval_s = 15
+retry_s = 2
+
 [keypad]
 enabled = true
 port = "{self.keypad.device}"
@@ -197,11 +213,11 @@ port = "{self.relay.device}"
                 with _suppress():
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        for part in ("cloud", "coverage", "keypad", "relay", "broker"):
+        for part in ("cloud", "coverage", "reef_coverage", "reef", "keypad", "relay", "broker"):
             obj = getattr(self, part, None)
             if obj is not None:
                 with _suppress():
-                    obj.stop() if part in ("cloud", "coverage") else obj.close()
+                    obj.close() if part in ("keypad", "relay", "broker") else obj.stop()
         shutil.rmtree(self.work, ignore_errors=True)
 
     # -- what the gateway and the cloud say ----------------------------------------------------------------
@@ -249,14 +265,21 @@ port = "{self.relay.device}"
     # -- the moments (also the interactive commands) ------------------------------------------------------
 
     def session(self, action: str, pin: str | None = None) -> dict[str, Any]:
-        """Start a new session (``pin`` or the demo's) or end the current one: a signed set, PIN sealed."""
+        """Start a new session (``pin`` or the demo's) or end the current one, at REEF and on the signed
+        downlink (a signed set, the PIN sealed to the gateway): the REEF bridge's part (issue 17) played here."""
         now = datetime.now(UTC)
         if action == "start":
+            if pin is not None and not (pin.isascii() and pin.isdigit() and 4 <= len(pin) <= 12):
+                raise ValueError("a PIN is 4 to 12 digits")
+            self.reef.end_session(VIN)
             self.session_id += 1
             self.pin = pin or PIN
             completion: Any = "active"
+            self.reef.add_session(VIN, id=self.session_id, pin=self.pin, initialization=now - timedelta(minutes=1),
+                                  verification_id=f"demo-{self.session_id}")  # fmt: skip
         elif self.session_id:
             completion = now
+            self.reef.end_session(VIN)
         else:
             raise ValueError("no session to end: start one first")
         self.set_version += 1
@@ -270,10 +293,11 @@ port = "{self.relay.device}"
         return {"session": self.session_id, "action": action, "set_version": self.set_version}
 
     def set_coverage(self, on: bool) -> dict[str, Any]:
-        if on:
-            self.coverage.restore()
-        else:
-            self.coverage.cut("reset")
+        for link in (self.coverage, self.reef_coverage):
+            if on:
+                link.restore()
+            else:
+                link.cut("reset")
         return {"coverage": "on" if on else "off"}
 
     def type_pin(self, pin: str) -> dict[str, Any]:
@@ -313,8 +337,8 @@ port = "{self.relay.device}"
         acks_before = len(self.received("sessions-ack"))
         self.session("start")
         self.wait("the session set acknowledged", lambda: len(self.received("sessions-ack")) > acks_before)
-        self.say(f"A renter books: session {self.session_id} starts at the cloud, signed, its PIN sealed to "
-                 "this gateway. The gateway acknowledges it.")  # fmt: skip
+        self.say(f"A renter books: session {self.session_id} starts at REEF and on the signed downlink, its PIN "
+                 "sealed to this gateway. The gateway acknowledges it.")  # fmt: skip
         moments.append("session-started")
 
         self.set_coverage(False)
