@@ -7,7 +7,7 @@ import binascii
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, HttpUrl, model_validator
+from pydantic import AfterValidator, Field, HttpUrl, StrictBool, model_validator
 
 from fleetgate.config.types import Baudrate, Float, Int, ResolvedPath, SecretFile, Section, resolve_device
 
@@ -47,7 +47,9 @@ class LockoutConfig(Section):
 
 
 class ReefConfig(Section):
-    enabled: bool = Field(False, description="Pull this vehicle's sessions from the REEF API (HTTPS, mTLS).")
+    enabled: StrictBool = Field(
+        False, description="Pull this vehicle's sessions from the REEF API (HTTPS, mTLS)."
+    )
     base_url: HttpUrl = Field(
         HttpUrl("https://reef.api.arcimoto.com/v1"), description="REEF base URL (https only), up to /v1."
     )
@@ -83,7 +85,7 @@ class ReefConfig(Section):
 
 
 class SessionsConfig(Section):
-    enabled: bool = Field(
+    enabled: StrictBool = Field(
         False,
         description="Managed sessions: a synchronized PIN turns start-enable on (needs device.secret_file).",
     )
@@ -123,7 +125,7 @@ class SessionsConfig(Section):
 
 
 class KeypadConfig(Section):
-    enabled: bool = Field(False, description="Read PINs from a serial keypad.")
+    enabled: StrictBool = Field(False, description="Read PINs from a serial keypad.")
     port: SerialPort = Field("/dev/ttyUSB1", description="Serial device (or a pyserial URL).")
     baudrate: Baudrate = Field(9600, description="Serial speed.")
     protocol: Literal["keys", "line"] = Field(
@@ -154,11 +156,11 @@ class StartEnableConfig(Section):
     off_command: HexBytes = Field("A0 01 00 A1", description="serial-relay: bytes that open the relay.")
     gpio_chip: ResolvedPath = Field(Path("/dev/gpiochip0"), description="gpio: the GPIO character device.")
     gpio_line: Int = Field(17, ge=0, le=65_535, description="gpio: line offset on the chip.")
-    active_low: bool = Field(False, description="gpio: the line is low when start is enabled.")
+    active_low: StrictBool = Field(False, description="gpio: the line is low when start is enabled.")
 
 
 class RulesConfig(Section):
-    enabled: bool = Field(
+    enabled: StrictBool = Field(
         False,
         description="Edge rules (docs/mqtt.md, down/rules): geofences and signal thresholds evaluated on every "
         "reading, offline too; crossings are rule-enter / rule-leave events.",

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Literal, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, Field, StrictBool, field_validator, model_validator
 from pydantic.fields import FieldInfo
 
 from fleetgate.config.access import KeypadConfig, RulesConfig, SessionsConfig, StartEnableConfig
@@ -142,7 +142,9 @@ DEFAULT_OBD_SCHEDULE: dict[str, float] = {
 
 
 class ObdConfig(Section):
-    enabled: bool = Field(False, description="Read the vehicle's OBD-II port through an ELM327 adapter.")
+    enabled: StrictBool = Field(
+        False, description="Read the vehicle's OBD-II port through an ELM327 adapter."
+    )
     port: Annotated[str, AfterValidator(resolve_device)] = Field(
         "/dev/ttyUSB0",
         min_length=1,
@@ -185,7 +187,7 @@ class ObdConfig(Section):
 
 
 class GpsConfig(Section):
-    enabled: bool = Field(False, description="Read position and time from gpsd.")
+    enabled: StrictBool = Field(False, description="Read position and time from gpsd.")
     host: str = Field("127.0.0.1", min_length=1, description="gpsd host.")
     port: Int = Field(2947, ge=1, le=65535, description="gpsd port.")
     silence_timeout_s: Float = Field(
@@ -266,10 +268,10 @@ class MqttTlsConfig(Section):
 
 
 class MqttConfig(Section):
-    enabled: bool = Field(False, description="Forward the outbox to an MQTT broker.")
+    enabled: StrictBool = Field(False, description="Forward the outbox to an MQTT broker.")
     host: str = Field("localhost", min_length=1, description="Broker host name or address.")
     port: Int = Field(8883, ge=1, le=65535, description="Broker port (8883: MQTT over TLS).")
-    tls: bool = Field(
+    tls: StrictBool = Field(
         True,
         description="TLS with a client certificate. Plain TCP (false) is for development on loopback only.",
     )
@@ -351,7 +353,7 @@ class MqttConfig(Section):
         "long of readings; online the bound stays memory_window_s. 0 or less than memory_window_s: "
         "memory_window_s.",
     )
-    pack_offline: bool = Field(
+    pack_offline: StrictBool = Field(
         True,
         description="While the broker is unreachable, seal the telemetry backlog into ready-made compressed "
         "messages (a message's worth at a time), so it drains at link speed when coverage returns and takes "
@@ -385,10 +387,12 @@ class MqttConfig(Section):
 
 
 class TimeConfig(Section):
-    trust_ntp: bool = Field(
+    trust_ntp: StrictBool = Field(
         True, description="Trust the system clock once the kernel reports NTP synchronisation."
     )
-    trust_gps: bool = Field(True, description="Trust GPS time after gps_confirmations consistent fixes.")
+    trust_gps: StrictBool = Field(
+        True, description="Trust GPS time after gps_confirmations consistent fixes."
+    )
     gps_confirmations: Int = Field(
         3, ge=1, le=100, description="Consistent GPS fixes needed before GPS time is trusted."
     )

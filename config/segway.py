@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, HttpUrl, model_validator
+from pydantic import Field, HttpUrl, StrictBool, model_validator
 
 from fleetgate.config.access import PublicKey
 from fleetgate.config.types import Float, Int, ResolvedPath, SecretFile, Section
@@ -52,7 +52,9 @@ class SegwayPollConfig(Section):
 
 
 class SegwayPushConfig(Section):
-    enabled: bool = Field(False, description="Listen for Segway's pushes (alerts, faults, location, status).")
+    enabled: StrictBool = Field(
+        False, description="Listen for Segway's pushes (alerts, faults, location, status)."
+    )
     bind: str = Field(
         "127.0.0.1",
         min_length=1,
@@ -108,7 +110,7 @@ class SegwayCommandsConfig(Section):
         description="Queued commands are tried again this often (and at once over BLE "
         "when their scooter comes into range).",
     )
-    rotate_key_after_rental: bool = Field(
+    rotate_key_after_rental: StrictBool = Field(
         True,
         description="After a rental ends, set a new random Bluetooth key through the cloud and read it back, "
         "so a past renter's copy stops working.",
@@ -116,7 +118,7 @@ class SegwayCommandsConfig(Section):
 
 
 class SegwayBleConfig(Section):
-    enabled: bool = Field(
+    enabled: StrictBool = Field(
         False, description="Run commands over Bluetooth LE when a scooter is in range and its key is cached."
     )
     adapter: str = Field("hci0", pattern=r"^hci[0-9]{1,2}$", description="The BlueZ adapter to use.")
@@ -157,7 +159,7 @@ class SegwayBleConfig(Section):
 
 
 class SegwayConfig(Section):
-    enabled: bool = Field(
+    enabled: StrictBool = Field(
         False, description="Serve a yard of Segway scooters through the Segway fleet cloud."
     )
     platform_code: str = Field(

@@ -390,3 +390,33 @@ def test_a_complete_depot_section_loads(tmp_path):
     )
     config = load_config(path)
     assert config.segway.enabled and config.segway.scooters[0].iot_code == "861477038719116"
+
+
+def boolean_keys() -> list[str]:
+    """Every boolean key of the schema, dotted."""
+    from fleetgate.config.schema import Config
+
+    out = []
+
+    def walk(model: type, prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and hasattr(ann, "model_fields"):
+                walk(ann, f"{prefix}{name}.")
+            elif ann is bool:
+                out.append(prefix + name)
+
+    walk(Config, "")
+    return out
+
+
+@pytest.mark.parametrize("literal", ['"yes"', '"true"', "1", '"on"', "0"])
+def test_every_boolean_key_takes_only_true_or_false(tmp_path, literal):
+    """`enabled = "yes"` is refused by key, not read as true (or an "off" as true): TOML has booleans."""
+    keys = boolean_keys()
+    assert "obd.enabled" in keys and "mqtt.tls" in keys and len(keys) >= 12
+    path = tmp_path / "c.toml"
+    for key in keys:
+        write_config(path, f"{key} = {literal}\n")
+        found = [(k, m) for k, m in problems(path) if k == key]
+        assert found and "boolean" in found[0][1], f"{key} = {literal} was taken"
