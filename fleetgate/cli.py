@@ -25,6 +25,7 @@ from fleetgate.daemon.runtime.control_protocol import ControlError, DaemonNotRun
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOT_RUNNING = 3
+EXIT_DEGRADED = 4  # status: a component in backoff (failing) or an alert raised
 EX_CONFIG = 78  # sysexits.h; the systemd unit does not restart on it
 
 EXIT_CODES = f"""exit codes:
@@ -32,6 +33,7 @@ EXIT_CODES = f"""exit codes:
   {EXIT_FAILURE}    failure: a problem found (config check), a PIN refused, a command not done
   {EXIT_USAGE}    bad command line
   {EXIT_NOT_RUNNING}    the daemon is not running (demo: the demo is not); never from run, keys, signals, config, diag
+  {EXIT_DEGRADED}    status: running, but a component is failing (in backoff) or an alert is raised
   {EX_CONFIG}   the configuration cannot be used, or the database is newer than this fleetgate
   130  interrupted (Ctrl-C)"""
 
@@ -237,9 +239,15 @@ def _view(cmd: str, human: Callable[[dict[str, Any]], str]) -> Callable[[argpars
     def show(args: argparse.Namespace) -> int:
         result = _ask(args, cmd)
         print(json.dumps(result, indent=2) if args.json else human(result))
-        return 0
+        return EXIT_DEGRADED if cmd == "status" and degraded(result) else 0
 
     return show
+
+
+def degraded(status: dict[str, Any]) -> bool:
+    """A component failing (in backoff after an error) or an alert: what a monitoring script must not call OK.
+    A component still starting is not (the first seconds after a start)."""
+    return bool(status.get("alerts")) or any(c["state"] == "backoff" for c in status.get("components", []))
 
 
 def _sync(args: argparse.Namespace) -> int:

@@ -71,9 +71,10 @@ def status(s: dict[str, Any]) -> str:
         line = f"uplink: {'ONLINE' if up['online'] else 'OFFLINE'} {up['broker']} ({transport})"
         if up.get("last_publish"):
             line += f"  last publish {duration(time.time() - up['last_publish'])} ago"
-        line += f"  drain {up['drain_rate_per_s']:g} records/s"
-        if up.get("eta_s") is not None and s["outbox"]["total"]:
-            line += f"  empty in ~{duration(up['eta_s'])}"
+        if up["online"] and up.get("drain_rate_per_s") is not None:  # offline: no rate is true now
+            line += f"  drain {up['drain_rate_per_s']:g} records/s"
+            if up.get("eta_s") is not None and s["outbox"]["total"]:
+                line += f"  empty in ~{duration(up['eta_s'])}"
         out.append(line)
         if not up["online"] and up.get("last_error"):
             out.append(f"  last error: {up['last_error']}")

@@ -144,7 +144,7 @@ def _outbox(s: dict[str, Any], now: float) -> Table:
         line = Text("uplink disabled")
     elif up["online"]:
         line = Text("uplink ONLINE", style="bold green")
-        line.append(f"  {up['broker']}  drain {up['drain_rate_per_s']:g} records/s")
+        line.append(f"  {up['broker']}  drain {up['drain_rate_per_s'] or 0:g} records/s")
         if up.get("eta_s") is not None and s["outbox"]["total"]:
             line.append(f"  empty in ~{duration(up['eta_s'])}")
     else:  # a drain rate from before the outage would say nothing true now

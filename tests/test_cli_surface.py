@@ -118,3 +118,25 @@ def test_bash_completes_verbs_actions_and_choices() -> None:
 def test_zsh_script_is_offered() -> None:
     done = subprocess.run([FLEETGATE, "completion", "zsh"], capture_output=True, text=True, check=True)
     assert "compdef" in done.stdout and "fleetgate" in done.stdout
+
+
+def test_offline_no_stale_drain_rate_or_eta_is_shown() -> None:
+    from fleetgate.daemon.uplink.feature import uplink_view
+
+    offline = uplink_view({"online": False, "drain_rate_per_s": 1840.3}, 500)
+    assert offline["drain_rate_per_s"] is None and offline["eta_s"] is None
+    assert uplink_view({"online": True, "drain_rate_per_s": 100.0}, 500)["eta_s"] == 5.0
+
+
+def test_status_exits_4_while_a_component_fails(tmp_path: Path, start_daemon) -> None:
+    from conftest import daemon_config, wait_until
+
+    config = daemon_config(tmp_path, f'[obd]\nenabled = true\nport = "{tmp_path / "no-such-port"}"\n')
+    daemon = start_daemon(config)
+    daemon.wait_ready()
+    wait_until("obd in backoff", lambda: daemon.cli("status").returncode == 4)
+    assert "backoff" in daemon.cli("status").stdout
+    daemon.terminate()
+    healthy = start_daemon(daemon_config(tmp_path))  # the same, without the OBD adapter that is not there
+    healthy.wait_ready()
+    wait_until("every component running", lambda: healthy.cli("status").returncode == 0)

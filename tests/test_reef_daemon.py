@@ -171,7 +171,7 @@ def test_a_failing_reef_is_counted_and_retried_while_the_last_set_stays_in_force
 
 def daemon_status(daemon) -> dict:
     result = daemon.cli("status", "--json")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode in (0, 4), result.stderr
     return json.loads(result.stdout)
 
 

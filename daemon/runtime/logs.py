@@ -1,4 +1,4 @@
-"""Structured log lines on stderr (journald keeps each line as an entry), with secrets masked.
+"""Structured log lines on stderr (journald keeps each line as an entry, with its priority), secrets masked.
 
 Fields come from ``extra={...}``. A field whose name says it holds a secret is never printed, whatever
 its value: a second line of defence behind never passing secrets to the logger in the first place.
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -60,9 +61,57 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(body, default=str, ensure_ascii=False)
 
 
+# sd-daemon(3): a "<N>" prefix gives the line its syslog priority in the journal, so that
+# `journalctl -p warning -u fleetgate` shows warnings and failures, not every line as "info".
+PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+
+
+def priority(levelno: int) -> int:
+    return next((p for level, p in sorted(PRIORITY.items(), reverse=True) if levelno >= level), 7)
+
+
+def under_journald(stream: object = None) -> bool:
+    """Whether ``stream`` (stderr) is connected to the journal: systemd says so in ``JOURNAL_STREAM``
+    ("device:inode" of the stream it set up), which a child inheriting the variable but not the fd fails."""
+    expected = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        st = os.fstat((stream or sys.stderr).fileno())  # type: ignore[attr-defined]
+    except (OSError, ValueError, AttributeError):
+        return False
+    return bool(expected) and expected == f"{st.st_dev}:{st.st_ino}"
+
+
+class JournalPrefix(logging.Formatter):
+    """``<N>`` and the line: the journal stamps the time itself."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        return f"<{priority(record.levelno)}>{self._inner.format(record)}"
+
+
+class Timestamped(logging.Formatter):
+    """``ts=<UTC, ms>`` and the line, for a terminal or a file, where nothing else stamps it."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self._inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
+        return f"ts={stamp} {self._inner.format(record)}"
+
+
 def setup_logging(level: str = "info", fmt: str = "logfmt") -> None:
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else LogfmtFormatter())
+    inner: logging.Formatter = JsonFormatter() if fmt == "json" else LogfmtFormatter()
+    if under_journald(sys.stderr):
+        inner = JournalPrefix(inner)
+    elif fmt != "json":  # a JSON line has its own "ts"
+        inner = Timestamped(inner)
+    handler.setFormatter(inner)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -105,6 +105,10 @@ class HotSpiller:
 
 def uplink_view(view: dict[str, Any], backlog: int) -> dict[str, Any]:
     """The uplink's status section: its snapshot and how long the backlog will take at the current rate."""
+    if not view.get("online"):  # a rate measured before the outage says nothing about now
+        view["drain_rate_per_s"] = None
+        view["eta_s"] = None if backlog else 0.0
+        return view
     rate = view["drain_rate_per_s"]
     view["eta_s"] = round(backlog / rate, 1) if rate > 0 and backlog else (0.0 if not backlog else None)
     return view

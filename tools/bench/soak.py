@@ -169,7 +169,7 @@ def status(config: Path) -> dict[str, Any] | None:
     done = subprocess.run(
         [FLEETGATE, "--config", str(config), "status", "--json"], capture_output=True, text=True, timeout=30
     )
-    return json.loads(done.stdout) if done.returncode == 0 else None
+    return json.loads(done.stdout) if done.returncode in (0, 4) else None  # 4: running, degraded
 
 
 def proc_figures(pid: int) -> tuple[float, int]:
