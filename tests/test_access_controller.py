@@ -322,3 +322,31 @@ def test_a_right_pin_refused_by_policy_neither_counts_toward_the_lockout_nor_res
         await db.close()
 
     asyncio.run(main())
+
+
+def test_a_vehicle_answering_another_vin_refuses_every_session_pin_without_counting(tmp_path):
+    """A gateway moved to another vehicle: the right PIN is refused as vin-mismatch (audited), no guess is
+    counted for it; once the VIN matches again (or is unknown) the same PIN opens."""
+
+    async def main() -> None:
+        db = await Database.open(tmp_path / "s.db")
+        outbox = Outbox(db, boot_id="b")
+        book = SessionBook()
+        book.merge([Incoming(3, "v3", T0, pin="4711")], 0, KEY, {})
+        output = LogOnly()
+        seen: list[str | None] = ["WVWZZZ1JZXW000001"]
+        access = AccessController(
+            book, KEY, Lockout(LockoutPolicy(), "b"), OfflineAge(0.0, mono_ns()), output, outbox, Clock(),
+            AccessPolicy(3600, "defer"), lambda: False, lambda s: None, None, lambda: seen[0],
+        )  # fmt: skip
+        await output.open()
+        refused = await access.enter("4711")
+        assert (refused.outcome, refused.reason, refused.session_id) == ("refused", "vin-mismatch", 3)
+        assert not output.enabled and access.lockout.failures == 0
+        seen[0] = None  # the VIN matches (or is unknown): the PIN opens
+        assert (await access.enter("4711")).outcome == "accepted" and output.enabled
+        audit = [(a["event"], a.get("reason")) for a in await _audit(db)]
+        assert audit == [("pin-refused", "vin-mismatch"), ("pin-accepted", None)]
+        await db.close()
+
+    asyncio.run(main())

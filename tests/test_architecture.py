@@ -55,7 +55,7 @@ def room(module: str) -> str:
     if parts == ["fleetgate"]:
         return "root"
     top = parts[1]
-    if top in ("cli", "render", "provisioning", "__main__"):
+    if top in ("cli", "render", "provisioning", "top", "diag", "__main__"):
         return "cli"
     if top == "config":
         return "config"

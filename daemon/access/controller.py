@@ -97,8 +97,11 @@ class AccessController:
         moving: Callable[[], bool],
         on_session: Callable[[int | None], None],
         enabled_by: int | None = None,
+        vin_mismatch: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.book = book
+        # The VIN the vehicle answers when it is not the one the sessions are for (None: the same, or unknown).
+        self.vin_mismatch = vin_mismatch
         self._pin_key = pin_key
         self.lockout = lockout
         self.offline_age = offline_age
@@ -123,6 +126,8 @@ class AccessController:
     # -- the PIN path -----------------------------------------------------------------------------------
 
     def _refusal(self, session: Any) -> str | None:
+        if self.vin_mismatch() is not None:  # moved to another vehicle: no session here is for it
+            return "vin-mismatch"
         stamp = self._clock.stamp()
         return refusal_reason(
             session,

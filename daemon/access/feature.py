@@ -10,6 +10,7 @@ full length, an offline age that is too old, start-enable off.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from fleetgate.daemon.runtime.core import Core
 from fleetgate.daemon.runtime.feature import FeatureError, FeatureParts
 from fleetgate.daemon.runtime.readings import ReadingSink
 from fleetgate.daemon.runtime.saved_state import SavedState
+from fleetgate.daemon.runtime.vehicle import VIN_STATE_KEY, VehicleIdentity
 from fleetgate.drivers.keypad import Keypad, KeypadSettings
 from fleetgate.drivers.output import (
     GpioLine,
@@ -48,6 +50,7 @@ from fleetgate.drivers.output import (
 )
 from fleetgate.sync.crypto.device_keys import DeviceSecretError, box_key, pin_key, read_secret_file
 from fleetgate.sync.crypto.signed import verify_keys_from_b64
+from fleetgate.sync.store.state import StateDecodeError
 
 if TYPE_CHECKING:
     import asyncio
@@ -129,6 +132,15 @@ async def _build(core: Core) -> FeatureParts:
         else "the time since the last sync is unknown",
     )
     enabled_by = await saved.load(ENABLED_KEY, _enabled_by, lambda: (None, None), "start-enable stays off")
+    # Until OBD answers this run, the VIN an earlier run read: a moved gateway is caught from the start. (A bad
+    # saved value: the OBD feature moves it aside and reads the VIN again.)
+    with contextlib.suppress(StateDecodeError):
+        core.vehicle.remember(await core.state.get(VIN_STATE_KEY))
+
+    def vin_mismatch() -> str | None:
+        seen = core.vehicle.vin
+        return None if seen is None or seen == sc.vin else seen
+
     access = AccessController(
         book,
         pin_key(secret),
@@ -141,6 +153,7 @@ async def _build(core: Core) -> FeatureParts:
         moving_from(core.sink, sc.moving_above_kmh),
         core.sink.set_session,
         enabled_by,
+        vin_mismatch,
     )
     sync = SessionSync(
         sc.vin,
@@ -154,7 +167,14 @@ async def _build(core: Core) -> FeatureParts:
         core.events,
         access,
     )
-    out = FeatureParts(components=[access], alerts=[saved.alerts, lambda: _store_alerts(access)])
+    out = FeatureParts(
+        components=[access],
+        alerts=[
+            saved.alerts,
+            lambda: _store_alerts(access),
+            lambda: _vin_alerts(sc.vin or "", core.vehicle, access),
+        ],
+    )
     if sc.signing_keys:
         out.downlink["sessions"] = sync.on_mqtt
     reef = _reef_poller(config, sync, core.uplink_connected) if sc.reef.enabled else None
@@ -183,7 +203,9 @@ async def _build(core: Core) -> FeatureParts:
         return (await access.enter(pin, actuate=False, source="cli")).as_dict()
 
     out.control["pin-test"] = pin_test
-    out.control["sessions"] = lambda args: _sessions_view(sc.vin or "", access, sync, reef, saved)
+    out.control["sessions"] = lambda args: _sessions_view(
+        sc.vin or "", access, sync, reef, saved, core.vehicle
+    )
     return out
 
 
@@ -197,6 +219,16 @@ def _enabled_by(raw: Any) -> int | None:
     if not isinstance(session_id, int) or isinstance(session_id, bool):
         raise ValueError("start-enable session_id is not an integer")
     return session_id
+
+
+def _vin_alerts(expected: str, vehicle: VehicleIdentity, access: AccessController) -> list[str]:
+    seen = access.vin_mismatch()
+    if seen is None:
+        return []
+    return [
+        f"vin-mismatch: the sessions are for VIN {expected} but the vehicle answers {seen} ({vehicle.source}): "
+        "every session's PIN is refused (vin-mismatch) until the configuration names this vehicle"
+    ]
 
 
 def _store_alerts(access: AccessController) -> list[str]:
@@ -229,12 +261,20 @@ def _reef_poller(config: Config, sync: SessionSync, reconnected: asyncio.Event) 
 
 
 def _sessions_view(
-    vin: str, access: AccessController, sync: SessionSync, reef: ReefPoller | None, saved: SavedState
+    vin: str,
+    access: AccessController,
+    sync: SessionSync,
+    reef: ReefPoller | None,
+    saved: SavedState,
+    vehicle: VehicleIdentity,
 ) -> dict[str, Any]:
     mark = access.book.mark
     return {
         "enabled": True,
         "vin": vin,
+        "vehicle_vin": vehicle.vin,  # as the vehicle answers (OBD 09 02); null: unknown
+        "vehicle_vin_source": vehicle.source,
+        "vin_mismatch": access.vin_mismatch() is not None,
         "sessions": access.session_rows(),
         "sync": mark.__dict__ if mark else None,
         "access": access.snapshot(),

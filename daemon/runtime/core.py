@@ -25,6 +25,7 @@ from fleetgate.daemon.runtime.quota_watch import QuotaWatch
 from fleetgate.daemon.runtime.readings import ReadingSink
 from fleetgate.daemon.runtime.status import StatusSource, stream_rows
 from fleetgate.daemon.runtime.supervisor import Supervisor
+from fleetgate.daemon.runtime.vehicle import VehicleIdentity
 from fleetgate.sync.store import Database, Outbox, StateStore
 from fleetgate.sync.store.outbox import read_boot_id
 
@@ -50,6 +51,7 @@ class Core:
     downlink: dict[str, Downlink] = field(default_factory=dict)
     # Set by the uplink on every connect (coverage is back); the one feature that waits for it clears it.
     uplink_connected: asyncio.Event = field(default_factory=asyncio.Event)
+    vehicle: VehicleIdentity = field(default_factory=VehicleIdentity)  # the VIN the vehicle answers
 
     @classmethod
     def open(cls, config: Config, database: Database, started_mono: float) -> Core:

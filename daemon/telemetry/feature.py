@@ -35,6 +35,7 @@ async def build(core: Core) -> FeatureParts:
             dtcs,
             core.events,
             core.state,
+            identity=core.vehicle,
         )
         parts.components.append(obd_view)
         parts.alerts += [dtcs.saved.alerts, obd_view.saved.alerts]

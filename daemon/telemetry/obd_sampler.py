@@ -21,6 +21,7 @@ from fleetgate.daemon.runtime.clock import Clock
 from fleetgate.daemon.runtime.events import Events
 from fleetgate.daemon.runtime.readings import ReadingSink
 from fleetgate.daemon.runtime.saved_state import SavedState
+from fleetgate.daemon.runtime.vehicle import VIN_STATE_KEY, VehicleIdentity
 from fleetgate.daemon.telemetry.dtc import DtcTracker
 from fleetgate.daemon.telemetry.trip_recorder import TripRecorder
 from fleetgate.drivers.obd import ObdAdapter, ObdError
@@ -28,7 +29,6 @@ from fleetgate.sync.store import StateStore
 
 log = logging.getLogger(__name__)
 
-VIN_STATE_KEY = "vehicle.vin"
 PLUGGED_STATE_KEY = "obd.plugged"
 # An adapter on a vehicle's port reads the 12 V battery; pulled out (but still on USB or Bluetooth) it reads
 # next to nothing. Between the two thresholds nothing changes (no flapping on a sagging battery).
@@ -60,7 +60,9 @@ class ObdSampler:
         events: Events,
         state: StateStore,
         adapter_factory: Callable[..., ObdAdapter] = ObdAdapter,
+        identity: VehicleIdentity | None = None,
     ) -> None:
+        self._identity = identity or VehicleIdentity()
         self._config = config
         self._running_voltage_v = running_voltage_v
         self._clock = clock
@@ -130,6 +132,7 @@ class ObdSampler:
     async def _identify(self, vin: str | None, protocol: str) -> None:
         if vin is None:
             return
+        self._identity.observe(vin)
         previous = await self.saved.load(
             VIN_STATE_KEY,
             _vin,
