@@ -51,6 +51,10 @@ def test_the_story_is_told_and_the_cloud_receives_it(tmp_path: Path) -> None:
     # What the cloud side received: the PIN decisions made offline, acknowledgements, the backlog.
     assert told["audit"][:2] == ["pin-refused", "pin-accepted"]
     assert told["received"]["sessions-ack"] >= 2 and told["received"]["telemetry"] > 20
+    # Readings taken during the session reach the wire tagged with it: REEF's session telemetry (docs/mqtt.md).
+    # (The odometer is read once a minute, longer than this drive; GPS readings follow gpsfake's replay.)
+    tagged = set(told["session_readings"])
+    assert {"vehicle_speed", "rpm"} <= tagged <= set(told["signals"]), tagged
     assert "start-enable ON" in done.stdout and "The same PIN now: refused" in done.stdout
     assert not work.exists() and not processes_mentioning(str(work))
 

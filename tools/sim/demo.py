@@ -375,6 +375,10 @@ port = "{self.relay.device}"
                  + ", ".join(a.get("event", "?") for a in audits))  # fmt: skip
         moments.append("drained")
         self.summary["audit"] = [a.get("event") for a in audits]
+        tagged = [r for r in self.received("telemetry") if r.get("session") == self.session_id]
+        # What REEF's session telemetry is fed from (docs/mqtt.md), and every signal the cloud received.
+        self.summary["session_readings"] = sorted({r["signal"] for r in tagged})
+        self.summary["signals"] = sorted({r["signal"] for r in self.received("telemetry")})
 
         self.session("end")
         self.wait(
