@@ -348,8 +348,9 @@ class MqttConfig(Section):
         ge=0,
         le=600,
         description="While the uplink is not connected, live telemetry is written to flash this often instead "
-        "(in sealed messages with pack_offline): fewer, larger commits, ~3x less flash per reading than every "
-        "memory_window_s (tools/bench/footprint.py). A power cut or kill -9 while offline loses at most this "
+        "(with pack_offline: sealed, in one page-aligned write to the spool beside the database, the trip "
+        "checkpoint with it): fewer, larger writes; a longer window costs less flash per reading "
+        "(tools/bench/footprint.py). A power cut or kill -9 while offline loses at most this "
         "long of readings; online the bound stays memory_window_s. 0 or less than memory_window_s: "
         "memory_window_s.",
     )
