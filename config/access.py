@@ -9,7 +9,16 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, HttpUrl, StrictBool, model_validator
 
-from fleetgate.config.types import Baudrate, Float, Int, ResolvedPath, SecretFile, Section, resolve_device
+from fleetgate.config.types import (
+    Baudrate,
+    Float,
+    Int,
+    ResolvedPath,
+    SecretFile,
+    Section,
+    pem_problems,
+    resolve_device,
+)
 
 VIN_PATTERN = r"^[A-HJ-NPR-Z0-9]{11,17}$"  # 17 for road vehicles; REEF's examples include shorter ones
 
@@ -81,6 +90,12 @@ class ReefConfig(Section):
             raise ValueError("base_url must be https:// (REEF authenticates with mTLS)")
         if self.enabled and self.key_file is None:
             raise ValueError("key_file is required when the REEF pull is enabled")
+        if self.enabled:
+            problems = pem_problems("ca_file", self.ca_file, "CERTIFICATE")
+            problems += pem_problems("cert_file", self.cert_file, "CERTIFICATE")
+            problems += pem_problems("key_file", self.key_file, "PRIVATE KEY")
+            if problems:
+                raise ValueError("; ".join(problems))
         return self
 
 

@@ -121,3 +121,22 @@ def load_config(path: Path | None) -> Config:
         reason = str(exc).split(";")[0]  # not the advice to call sys.set_int_max_str_digits()
         raise ConfigError([Problem(path, "", f"not valid TOML: {reason}")]) from None
     return parse_config(data, path)
+
+
+def device_warnings(config: Config) -> list[str]:
+    """Devices the configuration names that are not there now: a warning, not an error (an adapter plugged in
+    later is fine; the component waits in backoff), but most often a typo a technician wants to see."""
+    named: list[tuple[str, str]] = []
+    if config.obd.enabled:
+        named.append(("obd.port", config.obd.port))
+    if config.keypad.enabled:
+        named.append(("keypad.port", config.keypad.port))
+    if config.start_enable.kind == "serial-relay":
+        named.append(("start_enable.port", config.start_enable.port))
+    elif config.start_enable.kind == "gpio":
+        named.append(("start_enable.gpio_chip", str(config.start_enable.gpio_chip)))
+    return [
+        f"{key}: {device} does not exist now (the component waits for it)"
+        for key, device in named
+        if "://" not in device and not Path(device).exists()
+    ]

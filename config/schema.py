@@ -18,7 +18,16 @@ from pydantic.fields import FieldInfo
 from fleetgate.config.access import KeypadConfig, RulesConfig, SessionsConfig, StartEnableConfig
 from fleetgate.config.segway import SegwayConfig
 from fleetgate.config.signals import CATALOGUE
-from fleetgate.config.types import Baudrate, Float, Int, ResolvedPath, SecretFile, Section, resolve_device
+from fleetgate.config.types import (
+    Baudrate,
+    Float,
+    Int,
+    ResolvedPath,
+    SecretFile,
+    Section,
+    pem_problems,
+    resolve_device,
+)
 
 DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 
@@ -384,6 +393,13 @@ class MqttConfig(Section):
             raise ValueError(
                 "tls_files.key_file is required when TLS is on (or set tls = false for development)"
             )
+        if self.enabled and self.tls:
+            tls = self.tls_files
+            problems = pem_problems("tls_files.ca_file", tls.ca_file, "CERTIFICATE")
+            problems += pem_problems("tls_files.cert_file", tls.cert_file, "CERTIFICATE")
+            problems += pem_problems("tls_files.key_file", tls.key_file, "PRIVATE KEY")
+            if problems:
+                raise ValueError("; ".join(problems))
         return self
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import Field, HttpUrl, StrictBool, model_validator
 
 from fleetgate.config.access import PublicKey
-from fleetgate.config.types import Float, Int, ResolvedPath, SecretFile, Section
+from fleetgate.config.types import Float, Int, ResolvedPath, SecretFile, Section, pem_problems
 
 PLATFORM_CODE_PATTERN = r"^[AEUC][A-Za-z0-9]{1,31}$"  # the first letter picks Segway's region
 IOT_CODE_PATTERN = r"^[0-9A-Za-z]{6,32}$"  # the IoT module's IMEI (15 digits; the seed's examples vary)
@@ -73,6 +73,11 @@ class SegwayPushConfig(Section):
     def _key_when_enabled(self) -> SegwayPushConfig:
         if self.enabled and self.key_file is None:
             raise ValueError("key_file is required when the push receiver is enabled")
+        if self.enabled:
+            problems = pem_problems("cert_file", self.cert_file, "CERTIFICATE")
+            problems += pem_problems("key_file", self.key_file, "PRIVATE KEY")
+            if problems:
+                raise ValueError("; ".join(problems))
         return self
 
 

@@ -35,6 +35,22 @@ def _secret_file(path: Path, info: ValidationInfo) -> Path:
     return path
 
 
+def pem_problems(what: str, path: Path | None, kind: str) -> list[str]:
+    """Why ``path`` cannot be the PEM file ``what`` names (``kind``: "CERTIFICATE" or "PRIVATE KEY"), if it
+    cannot: what the daemon would otherwise find only at start, in a component looping on it."""
+    if path is None:
+        return []
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return [f"{what} {path} cannot be read: {exc.strerror}"]
+    if b"-----BEGIN " not in data:
+        return [f"{what} {path} is not PEM (no -----BEGIN line)"]
+    if kind.encode() not in data:
+        return [f"{what} {path} holds no {kind} (PEM)"]
+    return []
+
+
 def resolve_device(port: str, info: ValidationInfo) -> str:
     return port if "://" in port else str(_resolve(Path(port), info))
 

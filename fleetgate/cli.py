@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fleetgate import __version__, render
-from fleetgate.config.loader import DEFAULT_CONFIG_PATH, ConfigError, load_config
+from fleetgate.config.loader import DEFAULT_CONFIG_PATH, ConfigError, device_warnings, load_config
 from fleetgate.config.schema import Config, schema_markdown
 from fleetgate.daemon.runtime.control_protocol import ControlError, DaemonNotRunning, request
 
@@ -363,7 +363,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
         return 0
     path = args.file or _config_path(args)[0]
     try:
-        load_config(path)
+        config = load_config(path)
     except ConfigError as exc:
         if args.json:
             problems = [{"key": p.key, "message": p.message} for p in exc.problems]
@@ -372,9 +372,13 @@ def _cmd_config(args: argparse.Namespace) -> int:
             _print_problems(exc)
             print(f"{path}: {len(exc.problems)} problem(s)", file=sys.stderr)
         return EXIT_FAILURE
-    print(
-        json.dumps({"file": str(path), "ok": True, "problems": []}, indent=2) if args.json else f"{path}: OK"
-    )
+    warnings = device_warnings(config)
+    if args.json:
+        print(json.dumps({"file": str(path), "ok": True, "problems": [], "warnings": warnings}, indent=2))
+    else:
+        for warning in warnings:
+            print(f"warning: {path}: {warning}", file=sys.stderr)
+        print(f"{path}: OK")
     return 0
 
 

@@ -420,3 +420,77 @@ def test_every_boolean_key_takes_only_true_or_false(tmp_path, literal):
         write_config(path, f"{key} = {literal}\n")
         found = [(k, m) for k, m in problems(path) if k == key]
         assert found and "boolean" in found[0][1], f"{key} = {literal} was taken"
+
+
+def test_the_vehicle_template_has_every_section_and_its_examples_name_real_keys(tmp_path):
+    """config/vehicle.toml is what an installer copies: every section is there, and each commented example
+    (`# key = value`, `# [section]`) names a key the schema knows, with a value of the right type."""
+    import re
+    import tomllib
+
+    from fleetgate.config.schema import Config
+
+    text = (Path(__file__).resolve().parent.parent / "config" / "vehicle.toml").read_text()
+    sections = set(re.findall(r"^\[([a-z_]+)\]", text, re.M))
+    assert sections == set(Config.model_fields)
+    section = ""
+    checked = 0
+    for line in text.splitlines():
+        header = re.match(r"^#? ?\[([a-z_.]+)\]", line)
+        if header:
+            section = header.group(1)
+            continue
+        example = re.match(r"^# ([a-z_]+ = .+?)(\s+#.*)?$", line)
+        if not example or "<" in example.group(1):
+            continue
+        try:
+            tomllib.loads(example.group(1))
+        except tomllib.TOMLDecodeError:
+            continue  # prose, not an example
+        path = tmp_path / "example.toml"
+        path.write_text(f"[{section}]\n{example.group(1)}\n")
+        try:
+            load_config(path)
+        except ConfigError as exc:
+            wrong = [p for p in exc.problems if "unknown key" in p.message or "should be" in p.message]
+            assert not wrong, f"[{section}] {example.group(1)}: {wrong}"
+        checked += 1
+    assert checked >= 20
+
+
+def test_files_run_needs_are_checked_as_run_would_use_them(tmp_path):
+    """A CA that is not PEM, a certificate that is missing, a key file open to others: config check says so
+    by key, before a component loops on it."""
+    import json
+
+    key = tmp_path / "device.key"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n")
+    key.chmod(0o600)
+    not_pem = tmp_path / "ca.der"
+    not_pem.write_bytes(b"\x30\x82\x01\x0a binary")
+    path = write_config(
+        tmp_path / "c.toml",
+        f'[mqtt]\nenabled = true\nhost = "h"\ntls = true\n[mqtt.tls_files]\nca_file = "{not_pem}"\n'
+        f'cert_file = "{tmp_path / "missing.crt"}"\nkey_file = "{key}"\n',
+    )
+    done = subprocess.run([FLEETGATE, "config", "check", str(path), "--json"], capture_output=True, text=True)
+    assert done.returncode == 1
+    messages = " ".join(p["message"] for p in json.loads(done.stdout)["problems"])
+    assert f"tls_files.ca_file {not_pem} is not PEM" in messages
+    assert "tls_files.cert_file" in messages and "cannot be read" in messages
+    key.chmod(0o644)
+    done = subprocess.run([FLEETGATE, "config", "check", str(path), "--json"], capture_output=True, text=True)
+    assert "chmod 600" in " ".join(p["message"] for p in json.loads(done.stdout)["problems"])
+
+
+def test_a_serial_port_that_is_not_there_is_a_warning_not_an_error(tmp_path):
+    import json
+
+    path = write_config(tmp_path / "c.toml", f'[obd]\nenabled = true\nport = "{tmp_path / "ttyNONE"}"\n')
+    done = subprocess.run([FLEETGATE, "config", "check", str(path), "--json"], capture_output=True, text=True)
+    assert done.returncode == 0
+    assert json.loads(done.stdout)["warnings"] == [
+        f"obd.port: {tmp_path / 'ttyNONE'} does not exist now (the component waits for it)"
+    ]
+    human = subprocess.run([FLEETGATE, "config", "check", str(path)], capture_output=True, text=True)
+    assert human.returncode == 0 and "warning:" in human.stderr and "obd.port" in human.stderr

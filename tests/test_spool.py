@@ -292,9 +292,15 @@ def test_a_checkpoint_offline_rides_the_spill_and_an_older_spooled_value_never_w
         await spill_offline(outbox, [reading(0)])  # the outbox now knows the link is down
         await outbox.append_hot([reading(i) for i in range(1, 10)])
         changes = await db.run(lambda c: c.total_changes)
+        appends = db.spool.appends
         await state.checkpoint("trip", {"id": "t1", "distance": 5})
-        assert await db.run(lambda c: c.total_changes) == changes  # no database write
-        assert outbox.hot[STREAM].records == {}  # the waiting readings went with it
+        # No write of its own: it waits for the readings' next spill (within the offline window).
+        assert await db.run(lambda c: c.total_changes) == changes and db.spool.appends == appends
+        for record in outbox.hot[STREAM].records.values():
+            record.taken -= 100.0
+        assert await outbox.spill(offline=True) == 9
+        assert db.spool.appends == appends + 1  # one write: the readings and the checkpoint
+        assert await db.run(lambda c: c.total_changes) == changes
         assert await state.get("trip") == {"id": "t1", "distance": 5}
         assert await state.items("tr") == {"trip": '{"id":"t1","distance":5}'}
 
@@ -388,3 +394,26 @@ def test_a_full_disk_keeps_the_records_in_memory_for_the_next_spill(tmp_path: Pa
             assert sum(g.records for g in await outbox.segments_after(0, 100)) == 10
 
         run(disk, body)
+
+
+def test_a_checkpoint_kept_for_the_spill_is_written_at_a_clean_stop_or_when_the_link_returns(
+    tmp_path: Path,
+) -> None:
+    db_path = tmp_path / "fleetgate.db"
+
+    async def stop_offline(db: Database, outbox: Outbox, _skipped: Any) -> None:
+        await spill_offline(outbox, [reading(0)])
+        await StateStore(db, outbox).checkpoint("trip", {"id": "stop"})
+        await outbox.spill(everything=True)  # what Core.stop does
+
+    run(tmp_path, stop_offline)
+    assert json.loads(state_table(db_path)["trip"]) == {"id": "stop"}
+
+    async def back_online(db: Database, outbox: Outbox, _skipped: Any) -> None:
+        await spill_offline(outbox, [reading(1)])
+        await StateStore(db, outbox).checkpoint("trip", {"id": "online"})
+        assert json.loads(state_table(db_path)["trip"]) == {"id": "stop"}  # kept for the spill
+        await outbox.spill(offline=False)  # the spiller's next turn, the link back
+        assert json.loads(state_table(db_path)["trip"]) == {"id": "online"}
+
+    run(tmp_path, back_online)

@@ -383,6 +383,9 @@ class Outbox:
         self._hot_lock = asyncio.Lock()
         self._spill_sealer: tuple[str, SpillSealer] | None = None
         self.offline = False  # as the last spill was told: the uplink is not connected
+        self._deferred: dict[
+            str, Any
+        ] = {}  # checkpoints waiting for the next offline spill (checkpoint_state)
 
     async def append(
         self, records: Sequence[NewRecord], state: dict[str, Any] | None = None
@@ -466,14 +469,17 @@ class Outbox:
         whatever it holds, so the heartbeat's one record a minute must not cost one of its own. ``state``
         (values as JSON text) is written with them, in the spool's record if they all go there, and makes
         every waiting record go along."""
+        self.offline = offline
+        if not offline and not everything and self._deferred:
+            await self._flush_deferred()  # back online: the checkpoint kept for the next spill goes now
         async with self._hot_lock:
-            self.offline = offline
             await self.drain_pending()  # after every append made so far: rows keep the seq order
             due = {tier.stream: tier.spillable(everything, offline) for tier in self.hot.values()}
             if not everything and not state and not any(due.values()):
                 return 0
             spills: list[Spill] = []
-            state = dict(state or {})
+            carried = dict(self._deferred)  # checkpoints waiting for this write (checkpoint_state)
+            state = {k: _json_text(v) for k, v in carried.items()} | dict(state or {})
             in_spool = bool(state) and not everything
             for tier in self.hot.values():
                 records = due[tier.stream] or tier.spillable(along=True)
@@ -498,6 +504,7 @@ class Outbox:
                 for spill in spills:
                     for record in spill.records:
                         record.spilling = False
+            self._deferred = {k: v for k, v in self._deferred.items() if carried.get(k) is not v}
             for spill in spills:
                 tier = self.hot[spill.stream]
                 tier.spilled_now(spill.records)
@@ -511,14 +518,24 @@ class Outbox:
             return count
 
     async def checkpoint_state(self, key: str, value: Any) -> None:
-        """Durably save a value rewritten periodically (a trip's statistics). Offline it goes with the live
-        records waiting in memory, in one spool record (spool.py): a checkpoint a minute would otherwise cost
-        a database commit of its own, more flash than the minute's readings. Online, a commit."""
-        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+        """Save a value rewritten periodically (a trip's statistics). Online, a commit. Offline it waits for
+        the next spill of the live records (within ``offline_window_s``) and goes in the same spool record
+        (spool.py): a checkpoint a minute would otherwise cost a write of its own, as much flash as the
+        minute's readings. So offline a power cut loses at most the offline window of it, as of the readings."""
         if self.offline and self._spill_sealer is not None and self.hot:
-            await self.spill(offline=True, state={key: text})
+            self._deferred[key] = value
+            await self.spill(offline=True)  # written now only if readings are due anyway
         else:
+            self._deferred.pop(key, None)
             await self.append([], {key: value})
+
+    async def _flush_deferred(self) -> None:
+        deferred, self._deferred = self._deferred, {}
+        try:
+            await self.append([], deferred)
+        except BaseException:
+            self._deferred = deferred | self._deferred  # kept for the next try
+            raise
 
     def _spill_of(self, tier: HotTier, records: list[HotRecord], last_seq: int) -> Spill:
         """Sealed when a sealer is set, none of the records is in flight (its acknowledgement deletes a row by
@@ -667,6 +684,10 @@ class Outbox:
         return in_memory + await self._db.run(
             _correct_wall_times, self._writer.boot_id, offset_ns, before_mono_ns
         )
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False)
 
 
 def _next_batch(conn: sqlite3.Connection, limit: int) -> list[StoredRecord]:

@@ -12,7 +12,7 @@ A file (``<database>.spool/<number>.spool``) is a run of records, each starting 
     body = meta length u32 | meta (JSON, zlib) | the messages' bytes, back to back
 
 ``meta`` lists the messages (stream, device, seq range, count, first wall time, compressed, size), the
-state values the record carries (a trip checkpoint written with the spill instead of a commit of its own:
+state values the record carries (a trip checkpoint kept for the spill instead of a write of its own:
 ``Outbox.checkpoint_state``). Files are numbered upwards; a new one is begun at 4 MiB. A record that did
 not reach the disk whole (a power cut during the write) is the file's torn tail, found by its length or
 checksum and cut off at the next start, which then appends after the last whole record; it was never
