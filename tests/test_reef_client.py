@@ -618,3 +618,21 @@ def test_unloadable_certificate_files_are_config_errors_naming_the_file(tls: Tls
 def test_connection_refused_on_a_port_nobody_listens_on(tls: TlsFiles):
     exc = failure(f"https://127.0.0.1:{free_port()}/v1", tls)
     assert isinstance(exc, ReefUnavailable) and exc.kind == "connection-refused"
+
+
+def test_a_reef_client_that_cannot_be_set_up_is_a_failure_the_sessions_view_shows() -> None:
+    """A CA file gone after the start (the config check ran on a good one): the component fails and is
+    retried by the supervisor, and `fleetgate sessions` shows why instead of ``failures: {}``."""
+    import asyncio
+
+    from fleetgate.daemon.access.reef_poller import ReefPoller
+
+    def factory() -> Any:
+        raise FileNotFoundError(2, "No such file or directory", "/etc/fleetgate/reef-ca.crt")
+
+    poller = ReefPoller(factory, "VIN", None, 300, 1, None)  # type: ignore[arg-type]
+    with pytest.raises(FileNotFoundError):
+        asyncio.run(poller.run())
+    snap = poller.snapshot()
+    assert snap["failures"] == {"setup-FileNotFoundError": 1}
+    assert "reef-ca.crt" in snap["last_error"] and "cannot be set up" in snap["last_error"]

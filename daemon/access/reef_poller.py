@@ -49,12 +49,26 @@ class ReefPoller:
         self.last_success_wall: float | None = None
 
     async def run(self) -> None:
-        async with self._client_factory() as client:
+        try:
+            context = self._client_factory()
+            client = await context.__aenter__()
+        except (
+            Exception
+        ) as exc:  # a CA or key file gone or unreadable: shown in `fleetgate sessions`, retried
+            self._failed(f"setup-{type(exc).__name__}", f"the REEF client cannot be set up: {exc}")
+            raise
+        try:
             while True:
                 if await self._poll(client):
                     await self._wait(self._interval_s, after_last_sync=True)
                 else:
                     await self._wait(self._retry_s, after_last_sync=False)
+        finally:
+            await context.__aexit__(None, None, None)
+
+    def _failed(self, kind: str, error: str) -> None:
+        self.failures[kind] = self.failures.get(kind, 0) + 1
+        self.last_error = error
 
     async def _poll(self, client: ReefClient) -> bool:
         self.polls += 1
@@ -62,8 +76,7 @@ class ReefPoller:
             sessions = await client.get_vehicle_sessions(self._vin)
         except ReefError as exc:
             kind = type(exc).__name__
-            self.failures[kind] = self.failures.get(kind, 0) + 1
-            self.last_error = str(exc)
+            self._failed(kind, str(exc))
             log.warning("REEF pull failed", extra={"error_kind": kind, "error": str(exc)})
             return False
         await self._sync.apply_reef(sessions)
