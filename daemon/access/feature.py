@@ -203,6 +203,12 @@ async def _build(core: Core) -> FeatureParts:
         return (await access.enter(pin, actuate=False, source="cli")).as_dict()
 
     out.control["pin-test"] = pin_test
+    out.status["counters.sessions"] = lambda snap: {
+        "decisions": dict(access.counts),
+        "wrong_pins_in_a_row": access.lockout.failures,
+        "downlink_rejected": dict(sync.rejected),
+        "reef_failures": dict(reef.failures) if reef else {},
+    }
     out.control["sessions"] = lambda args: _sessions_view(
         sc.vin or "", access, sync, reef, saved, core.vehicle
     )

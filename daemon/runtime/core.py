@@ -15,6 +15,7 @@ from typing import Any
 
 from fleetgate import __version__
 from fleetgate.config.schema import Config
+from fleetgate.daemon.runtime.certificates import CertificateWatch, presented
 from fleetgate.daemon.runtime.clock import Clock, NtpWatch, Trust
 from fleetgate.daemon.runtime.control import ControlServer
 from fleetgate.daemon.runtime.events import Events
@@ -151,6 +152,12 @@ class Core:
         )
         if cfg.time.trust_ntp:
             parts.components.append(NtpWatch(self.clock))
+        certificates = presented(cfg)
+        if certificates:
+            watch = CertificateWatch(certificates)
+            parts.components.append(watch)
+            parts.status["certificates"] = lambda snap: watch.view()
+            parts.alerts.append(watch.alerts)
         return parts
 
     async def _queue(self) -> dict[str, Any]:

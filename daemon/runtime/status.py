@@ -60,6 +60,7 @@ class StatusSource:
                 "records_committed": self.outbox.records_committed,
                 "streams": streams,
             },
+            "counters": {},  # filled by the features (counters.obd, counters.sessions ...)
             "alerts": [
                 f"{s['stream']} holds {s['bytes'] / 2**20:.1f} MiB, over its quota of "
                 f"{s['quota_bytes'] / 2**20:.1f} MiB, in records that are never evicted"

@@ -54,6 +54,11 @@ async def build(core: Core) -> FeatureParts:
 
     if obd_view is not None or gps_view is not None:
         parts.components.append(SilenceWatch(core.sink, core.events, expected))
+    # For the retained health message (remote visibility: docs/mqtt.md): what went wrong, counted.
+    if obd_view is not None:
+        parts.status["counters.obd"] = lambda snap: dict(obd_view.adapter.counters)
+    if gps_view is not None:
+        parts.status["counters.gps"] = lambda snap: gps_view.snapshot()["counters"]
     parts.control["obd"] = lambda args: obd_view.snapshot() if obd_view else {"enabled": False}
     parts.control["gps"] = lambda args: (
         gps_view.snapshot() if gps_view else {"enabled": False, "time": time_view(core.clock)}

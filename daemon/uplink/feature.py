@@ -142,4 +142,6 @@ async def health(status: StatusSource) -> dict[str, Any]:
         "last_publish": snap["uplink"].get("last_publish"),
         "drain_rate_per_s": snap["uplink"].get("drain_rate_per_s"),
         "eta_s": snap["uplink"].get("eta_s"),
+        "counters": snap["counters"],
+        "certificates": snap.get("certificates", []),
     }
