@@ -23,6 +23,7 @@ from fleetgate.daemon.runtime.readings import STREAM
 from fleetgate.sync.mqtt.packer import Packer
 from fleetgate.sync.store import Database, NewRecord, Outbox, Priority, Stamp, StateStore
 from fleetgate.sync.store import spool as spool_module
+from fleetgate.sync.store.segments import SpilledMessage
 from fleetgate.sync.store.spool import (
     DONE_PREFIX,
     FOLDED_KEY,
@@ -41,7 +42,9 @@ BOOT = "0f7e3a52-1111-4222-8333-944455556666"
 
 
 def message(stream: str, first: int, count: int, payload: bytes) -> NewMessage:
-    return NewMessage(stream, "dev-1", first, first + count - 1, count, 10**18 + first, False, payload)
+    return NewMessage(
+        stream, "dev-1", SpilledMessage(first, first + count - 1, count, 10**18 + first, False, payload)
+    )
 
 
 def files(folder: Path) -> list[Path]:

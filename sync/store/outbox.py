@@ -229,7 +229,7 @@ class _Writer:
         rows = [s for s in spills if all(s is not t for t in sealed)]
         spool_state = state if state_in_spool and not any(s.records for s in rows) else {}
         messages = [
-            NewMessage(spill.stream, spill.device, *message)
+            NewMessage(spill.stream, spill.device, message)
             for spill in sealed
             for message in spill.sealer(spill.records)  # type: ignore[misc]
         ]

@@ -42,9 +42,12 @@ import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from fleetgate.sync.store.records import ROW_OVERHEAD
+
+if TYPE_CHECKING:  # segments.py imports the database, which imports this
+    from fleetgate.sync.store.segments import SpilledMessage
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +108,11 @@ class SpoolMessage(NamedTuple):
 
 
 class NewMessage(NamedTuple):
+    """A sealed message to append, with the stream and device it is for."""
+
     stream: str
     device: str
-    first_seq: int
-    last_seq: int
-    records: int
-    first_wall_ns: int
-    compressed: bool
-    payload: bytes
+    sealed: SpilledMessage
 
 
 @dataclass
@@ -300,16 +300,17 @@ class Spool:
         assert self._current is not None and self._fd is not None
         meta: dict[str, Any] = {
             "m": [
-                [m.stream, m.device, m.first_seq, m.last_seq, m.records, m.first_wall_ns, int(m.compressed),
+                [n.stream, n.device, m.first_seq, m.last_seq, m.records, m.first_wall_ns, int(m.compressed),
                  len(m.payload)]
-                for m in messages
+                for n in messages
+                for m in [n.sealed]
             ],
         }  # fmt: skip
         if state:
             meta["s"] = state
         # Compressed: a trip checkpoint is ~1.8 KB of JSON, a fifth of a minute's record (~400 B packed).
         meta_bytes = zlib.compress(json.dumps(meta, separators=(",", ":")).encode(), 6)
-        body = b"".join([META_LEN.pack(len(meta_bytes)), meta_bytes, *(m.payload for m in messages)])
+        body = b"".join([META_LEN.pack(len(meta_bytes)), meta_bytes, *(n.sealed.payload for n in messages)])
         record = HEADER.pack(MAGIC, len(body), zlib.crc32(body)) + body
         record += bytes(_page_end(len(record)) - len(record))
         self._reserve(len(record))
@@ -319,9 +320,10 @@ class Spool:
         # Durable: only now does anything in memory change (a failed write is written again at the same place).
         at = self._size + HEADER.size + META_LEN.size + len(meta_bytes)
         info, held = self._current, []
-        for m in messages:
+        for n in messages:
+            m = n.sealed
             message = SpoolMessage(
-                spool_id(info.number, self._ordinal), m.stream, m.device, m.first_seq, m.last_seq, m.records,
+                spool_id(info.number, self._ordinal), n.stream, n.device, m.first_seq, m.last_seq, m.records,
                 m.first_wall_ns, m.compressed, at, len(m.payload),
             )  # fmt: skip
             self._add(message, info)
