@@ -55,7 +55,8 @@ def events(db: Path, name: str | None = None) -> list[dict[str, Any]]:
 
 def cli_json(daemon, *args: str) -> dict[str, Any]:
     result = daemon.cli(*args, "--json")
-    assert result.returncode == 0, result.stderr
+    # status: 4 while a component fails (these tests unplug adapters on purpose), else 0
+    assert result.returncode in ((0, 4) if args[0] == "status" else (0,)), result.stderr
     return json.loads(result.stdout)
 
 

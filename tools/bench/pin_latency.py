@@ -150,7 +150,8 @@ def cli(config: Path, *args: str) -> dict[str, Any] | None:
     result = subprocess.run(
         [FLEETGATE, "--config", str(config), *args, "--json"], capture_output=True, text=True, check=False
     )
-    return json.loads(result.stdout) if result.returncode == 0 else None
+    # status exits 4 while a component fails (the uplink in backoff while offline): still an answer
+    return json.loads(result.stdout) if result.returncode in (0, 4) else None
 
 
 def main() -> int:
