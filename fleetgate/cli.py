@@ -38,6 +38,10 @@ EXIT_CODES = f"""exit codes:
   130  interrupted (Ctrl-C)"""
 
 
+def _json_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the raw JSON reply")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fleetgate",
@@ -60,7 +64,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("run", help="run the daemon in the foreground (systemd starts it this way)")
 
     st = sub.add_parser("status", help="components, backlog, uptime and time trust of the running daemon")
-    st.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    _json_flag(st)
 
     for name, what in (
         ("obd", "adapter, VIN, live values, MIL and DTCs, ignition"),
@@ -68,21 +72,21 @@ def _parser() -> argparse.ArgumentParser:
         ("rules", "edge rules: each rule, its state and last crossing; the rule set's version"),
     ):
         view = sub.add_parser(name, help=f"{what} (from the running daemon)")
-        view.add_argument("--json", action="store_true", help="print the raw JSON reply")
+        _json_flag(view)
 
     q = sub.add_parser("queue", help="outbox per stream: depth, size, quota, oldest record, evictions")
-    q.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    _json_flag(q)
     sync = sub.add_parser("sync", help="uplink actions")
     sync_sub = sync.add_subparsers(dest="sync_command", required=True, metavar="ACTION")
     now = sync_sub.add_parser(
         "now", help="connect to the broker now if waiting to retry, and wake the drain at once"
     )
-    now.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    _json_flag(now)
 
     ses = sub.add_parser(
         "sessions", help="managed sessions: ids, state, sync version and age, lockout (no PINs)"
     )
-    ses.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    _json_flag(ses)
     pin = sub.add_parser("pin", help="PIN access actions")
     pin_sub = pin.add_subparsers(dest="pin_command", required=True, metavar="ACTION")
     pin_test = pin_sub.add_parser(
@@ -90,12 +94,12 @@ def _parser() -> argparse.ArgumentParser:
         help="check a PIN against the synchronized sessions without switching start-enable (asks for the PIN "
         "without echo, or reads one line from standard input; a wrong PIN counts towards the lockout)",
     )
-    pin_test.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    _json_flag(pin_test)
 
     sco = sub.add_parser(
         "scooters", help="depot: each scooter's status, battery, location age, key cached, last command"
     )
-    sco.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    _json_flag(sco)
     one = sub.add_parser(
         "scooter",
         help="depot: run a Segway query, control or setting for one scooter through the daemon (audited)",
@@ -115,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
         help="the channel: auto (BLE when the scooter is in range and its key cached, else the cloud; "
         "queued if neither can run it now), ble or cloud (default: auto)",
     )
-    one.add_argument("--json", action="store_true", help="print the raw JSON reply")
+    _json_flag(one)
 
     keys = sub.add_parser(
         "keys", help="provisioning: this gateway's public keys (the PIN sealing key for the cloud); no secret"
@@ -173,7 +177,7 @@ def _parser() -> argparse.ArgumentParser:
     sess.add_argument("--pin", help="the new session's PIN (default 482916)")
     demo_sub.add_parser("status", help="uplink, backlog, start-enable, what the cloud received")
     for action in demo_sub.choices.values():
-        action.add_argument("--json", action="store_true", help="print the raw JSON reply")
+        _json_flag(action)
 
     comp = sub.add_parser(
         "completion",

@@ -29,7 +29,7 @@ from typing import Any
 
 from fleetgate import __version__
 from fleetgate.config.schema import Config
-from fleetgate.daemon.runtime.control_protocol import ControlError
+from fleetgate.daemon.runtime.control_protocol import ControlError, DaemonNotRunning
 
 Ask = Callable[[str], Any]
 VIEWS = ("status", "obd", "gps", "queue", "sessions", "rules", "scooters", "store")
@@ -117,11 +117,17 @@ def collect(ask: Ask, config_path: Path | None) -> dict[str, bytes]:
     """The bundle's files by name."""
     files: dict[str, bytes] = {}
     errors: dict[str, str] = {}
+    down: str | None = None  # a daemon that is not running is asked once, not once a view
     for view in VIEWS:
+        if down is not None:
+            errors[view] = down
+            continue
         try:
             result = ask(view)
         except ControlError as exc:
             errors[view] = f"{exc.code}: {exc}"
+            if isinstance(exc, DaemonNotRunning):
+                down = errors[view]
             continue
         files[f"{view}.json"] = json.dumps(result, indent=2).encode()
     if config_path is not None and config_path.is_file():

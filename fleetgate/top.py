@@ -29,9 +29,7 @@ def gather(ask: Ask) -> dict[str, Any]:
     for view in VIEWS:
         try:
             out[view] = ask(view)
-        except DaemonNotRunning:
-            raise
-        except ControlError as exc:
+        except ControlError as exc:  # "not-running" (DaemonNotRunning) goes up as it is
             if exc.code != "unknown-command":
                 raise
             out[view] = None

@@ -81,7 +81,7 @@ def test_records_start_on_page_boundaries_and_read_back_exactly(tmp_path: Path) 
     assert [m.id for m, _ in held] == [m.id for m in first + second] and all(is_spool_id(m.id) for m in first)
     assert again.pending == {"trip": '{"id":"t1"}'}  # not yet in the state table
     assert again.report.torn_tail_bytes == 0  # the space allocated ahead is the file's end, not a torn write
-    assert again.top("telemetry") == 5 and again.stream_bytes("heartbeat") > 1
+    assert again.top("telemetry") == 5 and again.held()["heartbeat"][0].held_bytes > 1
 
 
 def test_a_torn_last_record_is_cut_off_and_the_next_start_appends_after_the_last_whole_one(

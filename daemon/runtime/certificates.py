@@ -33,11 +33,15 @@ class Checked:
     def days_left(self, now: float) -> float | None:
         return None if self.not_after is None else round((self.not_after.timestamp() - now) / 86_400, 1)
 
+    @property
+    def not_after_text(self) -> str | None:
+        return None if self.not_after is None else self.not_after.strftime("%Y-%m-%dT%H:%M:%SZ")
+
     def as_dict(self, now: float) -> dict[str, Any]:
         return {
             "name": self.name,
             "file": str(self.file),
-            "not_after": None if self.not_after is None else self.not_after.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "not_after": self.not_after_text,
             "days_left": self.days_left(now),
             "error": self.error,
         }
@@ -88,11 +92,11 @@ class CertificateWatch:
                 out.append(f"certificate: the {c.name} certificate {c.file} {c.error}")
             elif left is not None and left <= 0:
                 out.append(
-                    f"certificate-expired: the {c.name} certificate {c.file} expired {c.as_dict(now)['not_after']}"
+                    f"certificate-expired: the {c.name} certificate {c.file} expired {c.not_after_text}"
                 )
             elif left is not None and left <= WARN_DAYS:
                 out.append(
-                    f"certificate-expiring: the {c.name} certificate {c.file} expires {c.as_dict(now)['not_after']} "
+                    f"certificate-expiring: the {c.name} certificate {c.file} expires {c.not_after_text} "
                     f"(in {left:g} days): renew it"
                 )
         return out

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 
 SECRET_FIELD = re.compile(r"pin|secret|password|passwd|token|private|credential|key$", re.IGNORECASE)
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
@@ -49,8 +50,7 @@ class LogfmtFormatter(logging.Formatter):
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         body: dict[str, object] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+            "ts": _utc_ms(record),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -67,7 +67,10 @@ PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR
 
 
 def priority(levelno: int) -> int:
-    return next((p for level, p in sorted(PRIORITY.items(), reverse=True) if levelno >= level), 7)
+    return next((p for level, p in _BY_LEVEL if levelno >= level), 7)
+
+
+_BY_LEVEL = sorted(PRIORITY.items(), reverse=True)
 
 
 def under_journald(stream: object = None) -> bool:
@@ -81,36 +84,39 @@ def under_journald(stream: object = None) -> bool:
     return bool(expected) and expected == f"{st.st_dev}:{st.st_ino}"
 
 
-class JournalPrefix(logging.Formatter):
-    """``<N>`` and the line: the journal stamps the time itself."""
+class Prefixed(logging.Formatter):
+    """Another formatter's line behind a prefix made of the record."""
 
-    def __init__(self, inner: logging.Formatter) -> None:
+    def __init__(self, inner: logging.Formatter, prefix: Callable[[logging.LogRecord], str]) -> None:
         super().__init__()
         self._inner = inner
+        self._prefix = prefix
 
     def format(self, record: logging.LogRecord) -> str:
-        return f"<{priority(record.levelno)}>{self._inner.format(record)}"
+        return self._prefix(record) + self._inner.format(record)
 
 
-class Timestamped(logging.Formatter):
-    """``ts=<UTC, ms>`` and the line, for a terminal or a file, where nothing else stamps it."""
+def journal_prefix(record: logging.LogRecord) -> str:
+    """``<N>``: the journal stamps the time itself."""
+    return f"<{priority(record.levelno)}>"
 
-    def __init__(self, inner: logging.Formatter) -> None:
-        super().__init__()
-        self._inner = inner
 
-    def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
-        return f"ts={stamp} {self._inner.format(record)}"
+def time_prefix(record: logging.LogRecord) -> str:
+    """``ts=<UTC, ms> ``, for a terminal or a file, where nothing else stamps the line."""
+    return f"ts={_utc_ms(record)} "
+
+
+def _utc_ms(record: logging.LogRecord) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z"
 
 
 def setup_logging(level: str = "info", fmt: str = "logfmt") -> None:
     handler = logging.StreamHandler(sys.stderr)
     inner: logging.Formatter = JsonFormatter() if fmt == "json" else LogfmtFormatter()
     if under_journald(sys.stderr):
-        inner = JournalPrefix(inner)
+        inner = Prefixed(inner, journal_prefix)
     elif fmt != "json":  # a JSON line has its own "ts"
-        inner = Timestamped(inner)
+        inner = Prefixed(inner, time_prefix)
     handler.setFormatter(inner)
     root = logging.getLogger()
     root.handlers[:] = [handler]

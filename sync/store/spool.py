@@ -33,6 +33,7 @@ Every method runs on the store thread (``Database.run``), which already serialis
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import json
 import logging
@@ -136,7 +137,6 @@ class SpoolReport:
 
     files: int = 0
     messages: int = 0
-    records_pending_state: int = 0
     torn_tail_bytes: int = 0  # after the last whole record of a file: a write the power cut interrupted
     damaged_records: int = 0  # a bad record followed by good ones: the disk, not a cut
     problems: list[str] = field(default_factory=list)
@@ -253,7 +253,6 @@ class Spool:
             if (file_no, record) > self._folded and meta.get("s"):
                 self.pending.update(meta["s"])
                 self._pending_upto = (file_no, record)
-                self.report.records_pending_state += 1
             info.last_record = record
             record += 1
             offset = good_end = _page_end(end)
@@ -380,23 +379,25 @@ class Spool:
     # -- reading -----------------------------------------------------------------------------------------
 
     def after(self, after_id: int, limit: int) -> list[tuple[SpoolMessage, bytes]]:
-        """Held messages in write order after ``after_id``, with their bytes."""
-        out: list[tuple[SpoolMessage, bytes]] = []
+        """Held messages in write order after ``after_id``, with their bytes (each file opened once a call)."""
+        found: list[SpoolMessage] = []
         at = bisect.bisect_right(self._ids, after_id)
-        while at < len(self._ids) and len(out) < limit:
+        while at < len(self._ids) and len(found) < limit:
             message = self._live.get(self._ids[at])
             at += 1
             if message is not None:
-                out.append((message, self.read(message)))
+                found.append(message)
+        out = []
+        with contextlib.ExitStack() as files:
+            opened: dict[int, Any] = {}
+            for message in found:
+                f = opened.get(message.file_no)
+                if f is None:
+                    f = opened[message.file_no] = files.enter_context(
+                        open(self._files[message.file_no].path, "rb")
+                    )
+                out.append((message, _read_at(f, message)))
         return out
-
-    def read(self, message: SpoolMessage) -> bytes:
-        with open(self._files[message.file_no].path, "rb") as f:
-            f.seek(message.offset)
-            data = f.read(message.size)
-        if len(data) != message.size:
-            raise OSError(f"spool {message.file_no}: {len(data)} of {message.size} bytes at {message.offset}")
-        return data
 
     def held(self) -> dict[str, list[SpoolMessage]]:
         """Held messages by stream, oldest first."""
@@ -408,14 +409,8 @@ class Spool:
     def streams(self) -> set[str]:
         return {m.stream for m in self._live.values()}
 
-    def stream_bytes(self, stream: str) -> int:
-        return sum(m.held_bytes for m in self._live.values() if m.stream == stream)
-
     def top(self, stream: str) -> int:
         return max((m.last_seq for m in self._live.values() if m.stream == stream), default=0)
-
-    def get(self, message_id: int) -> SpoolMessage | None:
-        return self._live.get(message_id)
 
     # -- acknowledgements --------------------------------------------------------------------------------
 
@@ -505,6 +500,14 @@ class Spool:
             "damaged_records": self.report.damaged_records,
             "problems": self.report.problems[-5:],
         }
+
+
+def _read_at(f: Any, message: SpoolMessage) -> bytes:
+    f.seek(message.offset)
+    data = f.read(message.size)
+    if len(data) != message.size:
+        raise OSError(f"spool {message.file_no}: {len(data)} of {message.size} bytes at {message.offset}")
+    return data
 
 
 def _fallocate(fd: int, offset: int, length: int) -> bool:

@@ -24,11 +24,12 @@ Ctrl-C stops everything it started and removes its folder (.run/demo); a second 
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import json
 import os
 import shutil
 import signal
-import socket
 import socketserver
 import subprocess
 import sys
@@ -116,7 +117,7 @@ class Demo:
         self.procs.append(self.daemon)
 
     def _config(self) -> str:
-        public = __import__("base64").b64encode(bytes(self.key.verify_key)).decode()
+        public = base64.b64encode(bytes(self.key.verify_key)).decode()
         w = self.work
         return f"""# Written by tools/sim/demo.py for this run; removed when it stops.
 [device]
@@ -204,19 +205,19 @@ port = "{self.relay.device}"
         self._stop.set()
         for proc in reversed(self.procs):
             if proc.poll() is None:
-                with _suppress():
+                with contextlib.suppress(Exception):
                     os.killpg(proc.pid, signal.SIGTERM)
         for proc in self.procs:
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                with _suppress():
+                with contextlib.suppress(Exception):
                     os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         for part in ("cloud", "coverage", "reef_coverage", "reef", "keypad", "relay", "broker"):
             obj = getattr(self, part, None)
             if obj is not None:
-                with _suppress():
+                with contextlib.suppress(Exception):
                     obj.close() if part in ("keypad", "relay", "broker") else obj.stop()
         shutil.rmtree(self.work, ignore_errors=True)
 
@@ -394,14 +395,6 @@ port = "{self.relay.device}"
                  f"{self.config} top` in another shell; Ctrl-C here stops everything.")  # fmt: skip
 
 
-class _suppress:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> bool:
-        return exc[0] is not None and issubclass(exc[0], Exception)  # type: ignore[arg-type]
-
-
 def serve(demo: Demo, path: Path) -> socketserver.UnixStreamServer:
     """The interactive commands (``fleetgate demo ...``): one JSON line in, one JSON line out."""
 
@@ -478,21 +471,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         demo.stop()
     return code
-
-
-def request(path: Path, body: dict[str, Any], timeout_s: float = 60.0) -> dict[str, Any]:
-    """``fleetgate demo ...``'s side of the socket."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout_s)
-        sock.connect(str(path))
-        sock.sendall(json.dumps(body).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            data += chunk
-    return json.loads(data)
 
 
 if __name__ == "__main__":
